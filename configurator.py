@@ -1,0 +1,69 @@
+"""
+Command-line configuration in the nanoGPT / llama2.c style, without the exec: a script keeps its
+settings as module-level globals and calls
+
+    configurator.apply(globals(), sys.argv[1:], keys)
+
+Each argument is either a config file (a Python file of `key = value` lines, executed in the script's
+globals) or `--key=value`, where value is a Python literal (`--lr=3e-4`, `--compile=False`) or a bare
+string (`--out_dir=out`). A setting whose default is "auto" also takes True/False. Unknown keys, malformed arguments and values of the wrong type stop the
+script with a one-line error; an int is accepted where a float is expected.
+"""
+import os
+import sys
+from ast import literal_eval
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _convert(key, value: str, default):
+    if (isinstance(default, bool) or default == "auto") and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    try:
+        parsed = literal_eval(value)
+    except (SyntaxError, ValueError):
+        parsed = value  # a bare string: --out_dir=out
+    if default is None:
+        return parsed
+    if isinstance(default, float) and isinstance(parsed, int) and not isinstance(parsed, bool):
+        return float(parsed)
+    if isinstance(default, str) and not isinstance(parsed, str):
+        return value  # --out_dir=2024 is still a folder name
+    if type(parsed) is not type(default):
+        raise ConfigError(f"--{key} expects {type(default).__name__} (e.g. --{key}={default!r}), "
+                          f"got {value!r}")
+    return parsed
+
+
+def apply(config: dict, argv, keys=None):
+    """Apply config files and --key=value overrides from argv to the dict config (a script's
+    globals()). keys: the names that may be set (default: the existing keys of config)."""
+    keys = set(config if keys is None else keys)
+    for arg in argv:
+        if not arg.startswith("--"):
+            if not os.path.isfile(arg):
+                raise ConfigError(f"config file {arg} not found (arguments are config files or --key=value)")
+            print(f"Overriding config with {arg}:", file=sys.stderr)
+            with open(arg) as f:
+                print(f.read(), file=sys.stderr)
+            with open(arg) as f:
+                exec(f.read(), config)
+            continue
+        if "=" not in arg:
+            raise ConfigError(f"malformed argument {arg!r}: write --key=value")
+        key, value = arg[2:].split("=", 1)
+        if key not in keys:
+            raise ConfigError(f"unknown config key --{key}; known keys: {', '.join(sorted(keys))}")
+        config[key] = _convert(key, value, config[key])
+        print(f"Overriding: {key} = {config[key]!r}", file=sys.stderr)
+
+
+def apply_or_exit(config: dict, argv, keys=None):
+    """apply(), but a bad argument ends the program with a one-line error and exit code 2."""
+    try:
+        apply(config, argv, keys)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)

@@ -1,0 +1,437 @@
+"""
+PPO for language models, after Hugging Face TRL's legacy PPOTrainer (<= 0.11): same names, same maths,
+so numbers can be compared with it, with its known bugs fixed:
+  - the adaptive KL controller is updated every step with the measured KL;
+  - old log-probs/values and the training forwards run in the same mode, precision and padding, so with
+    dropout 0 the first minibatch has ratio exactly 1 and both clip fractions 0;
+  - under DDP the gradient-sync flag is set before the forward of the last micro-batch;
+  - masked_var and empty responses do not crash; early stopping looks at the epoch's mean policy KL;
+  - scaler=None works.
+
+The RL view (see the README): the state is query + response so far, the action the next token, the
+reward -kl_coef * (log pi - log pi_ref) on every response token plus the score on the last one; GAE turns
+rewards and values into advantages; the loss is PPO's clipped policy loss + vf_coef * clipped value loss.
+
+Used by `python train.py --ppo=True`; the pieces are importable for other rewards.
+"""
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+@dataclass
+class PPOConfig:
+    seed: int = 0
+    steps: int = 20000  # informational, as in TRL: train.py's max_iters decides
+    learning_rate: float = 1.41e-5  # informational: the optimizer passed in owns the learning rate
+    adap_kl_ctrl: bool = True  # adaptive KL coefficient (Ziegler et al.) or a fixed one
+    init_kl_coef: float = 0.2
+    kl_penalty: str = "kl"  # kl: log p - log q; abs: |kl|; mse: 0.5 kl^2; full: KL of the whole distributions
+    target: float = 6.0  # the adaptive controller's target KL (per sequence)
+    horizon: float = 10000.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    batch_size: int = 128  # rollouts per step
+    mini_batch_size: int = 128  # rollouts per forward/backward
+    gradient_accumulation_steps: int = 1  # mini-batches per optimizer step
+    ppo_epochs: int = 4
+    max_grad_norm: Optional[float] = None
+    early_stopping: bool = False
+    target_kl: float = 1.0  # early stopping: stop the epochs once the policy KL exceeds 1.5 * target_kl
+    ratio_threshold: float = 10.0  # skip minibatches whose mean ratio exceeds this (loss spikes)
+    whiten_rewards: bool = False
+    backward_batch_size: Optional[int] = None  # derived: mini_batch_size * gradient_accumulation_steps
+
+    def __post_init__(self):
+        if self.kl_penalty not in ("kl", "abs", "mse", "full"):
+            raise ValueError(f"kl_penalty must be kl, abs, mse or full, got {self.kl_penalty!r}")
+        for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"PPOConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("init_kl_coef", "vf_coef", "target", "horizon", "target_kl", "cliprange_value"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"PPOConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.cliprange <= 0:
+            raise ValueError(f"PPOConfig.cliprange must be > 0, got {self.cliprange}")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ValueError(f"PPOConfig.gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
+        expected = self.mini_batch_size * self.gradient_accumulation_steps
+        if self.backward_batch_size is None:
+            self.backward_batch_size = expected
+        elif self.backward_batch_size != expected:
+            raise ValueError(f"backward_batch_size={self.backward_batch_size} must equal mini_batch_size * "
+                             f"gradient_accumulation_steps = {expected}")
+        if self.batch_size % self.backward_batch_size:
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of mini_batch_size * "
+                             f"gradient_accumulation_steps = {self.backward_batch_size}")
+
+
+# -----------------------------------------------------------------------------
+# helpers (TRL's core.py)
+
+def logprobs_from_logits(logits, labels):
+    """log p(label) under logits: (B, T, V), (B, T) -> (B, T), in float32."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return torch.gather(logp, 2, labels.unsqueeze(2)).squeeze(-1)
+
+
+def masked_mean(values, mask, axis=None):
+    """Mean of values where mask is 1; 0 when the mask is empty (instead of NaN)."""
+    if axis is not None:
+        return (values * mask).sum(axis=axis) / mask.sum(axis=axis).clamp(min=1)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_var(values, mask, unbiased=True):
+    """Variance of values where mask is 1. With fewer than two elements the unbiased estimate is
+    undefined: return the biased one (0 for a single element) rather than crash or return NaN."""
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    n = mask.sum()
+    if unbiased and n > 1:
+        variance = variance * n / (n - 1)
+    return variance
+
+
+def masked_whiten(values, mask, shift_mean=True):
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def clip_by_value(x, tensor_min, tensor_max):
+    return torch.max(torch.min(x, tensor_max), tensor_min)
+
+
+def entropy_from_logits(logits):
+    pd = F.softmax(logits.float(), dim=-1)
+    return torch.logsumexp(logits.float(), dim=-1) - torch.sum(pd * logits.float(), dim=-1)
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al., https://arxiv.org/abs/1909.08593): grows when the
+    measured KL exceeds target, shrinks when it is below, by at most 20% per horizon of samples."""
+
+    def __init__(self, init_kl_coef, target, horizon):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current, n_steps):
+        proportional_error = min(max(current / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + proportional_error * n_steps / self.horizon
+
+
+class FixedKLController:
+    def __init__(self, kl_coef):
+        self.value = kl_coef
+
+    def update(self, current, n_steps):
+        pass
+
+
+class LengthSampler:
+    """Uniform integer in [min_value, max_value), seeded and resumable (state_dict)."""
+
+    def __init__(self, min_value, max_value, seed=0):
+        if max_value <= min_value:
+            raise ValueError(f"LengthSampler needs min_value < max_value, got {min_value}, {max_value}")
+        self.min_value, self.max_value = min_value, max_value
+        self.rng = random.Random(seed)
+
+    def __call__(self):
+        return self.rng.randrange(self.min_value, self.max_value)
+
+    def state_dict(self):
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, state):
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+
+
+class LengthReward:
+    """The seed's reward: r = -|target_length - story_length| / 100."""
+
+    def __init__(self, target_length):
+        self.target_length = target_length
+
+    def __call__(self, length):
+        return -abs(self.target_length - length) / 100
+
+
+def stack_dicts(stats_dicts):
+    """[{"a": {"b": t}}, ...] -> {"a/b": mean of t over the list} as floats."""
+    flat = {}
+    for d in stats_dicts:
+        for k, v in flatten_dict(d).items():
+            flat.setdefault(k, []).append(float(v))
+    return {k: sum(v) / len(v) for k, v in flat.items()}
+
+
+def flatten_dict(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten_dict(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# -----------------------------------------------------------------------------
+
+class PPOTrainer:
+    def __init__(self, config: PPOConfig, model, ref_model, tokenizer, optimizer, scaler=None, is_ddp=False,
+                 autocast_dtype=None):
+        """model: a TransformerWithValueHead (possibly compiled and/or DDP-wrapped) returning
+        (logits, values, loss); ref_model: a frozen Transformer returning (logits, loss).
+        autocast_dtype: bf16/fp16 autocast for every forward (old log-probs and training alike)."""
+        self.config = config
+        self.model, self.ref_model, self.tokenizer, self.optimizer = model, ref_model, tokenizer, optimizer
+        self.scaler = scaler if scaler is not None else torch.amp.GradScaler("cpu", enabled=False)
+        self.is_ddp = is_ddp
+        self.world_size = dist.get_world_size() if is_ddp else 1
+        self.device = next(model.parameters()).device
+        self.autocast_dtype = autocast_dtype
+        if config.adap_kl_ctrl:
+            self.kl_ctl = AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
+        else:
+            self.kl_ctl = FixedKLController(config.init_kl_coef)
+        self.rng = torch.Generator().manual_seed(config.seed)  # minibatch order
+
+    def autocast(self):
+        if self.autocast_dtype is None or self.autocast_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def prepare_model_inputs(self, queries: List[torch.Tensor], responses: List[torch.Tensor]):
+        """query + response per row, right-padded with 0 to the longest. Causal attention never looks
+        right, so padding needs no attention mask; the response mask excludes it from every loss."""
+        seqs = [torch.cat([q, r]) for q, r in zip(queries, responses)]
+        input_ids = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long, device=self.device)
+        for i, s in enumerate(seqs):
+            input_ids[i, : len(s)] = s
+        return {"input_ids": input_ids}
+
+    def _forward(self, model, input_ids):
+        with self.autocast():
+            out = model(input_ids)
+        logits = out[0]
+        values = out[1] if len(out) == 3 else None  # the reference model has no value head
+        return logits, values
+
+    def batched_forward_pass(self, model, queries, responses, model_inputs, return_logits=False,
+                             response_masks=None):
+        """Log-probs of each next token, values and response masks for the whole batch, computed in
+        mini_batch_size chunks. Index t of the outputs scores token t+1 given tokens 0..t."""
+        fbs = self.config.mini_batch_size
+        all_logprobs, all_logits, all_values, all_masks = [], [], [], []
+        input_ids = model_inputs["input_ids"]
+        for i in range(0, len(queries), fbs):
+            ids = input_ids[i: i + fbs]
+            logits, values = self._forward(model, ids)
+            logprobs = logprobs_from_logits(logits[:, :-1], ids[:, 1:])
+            masks = torch.zeros_like(logprobs)
+            for j in range(len(ids)):
+                start = len(queries[i + j]) - 1  # the logprob of the first response token sits here
+                end = start + len(responses[i + j])
+                masks[j, start:end] = 1
+                if response_masks is not None:
+                    masks[j, start:end] *= response_masks[i + j].to(masks.dtype)
+            all_logprobs.append(logprobs)
+            all_masks.append(masks)
+            if values is not None:
+                all_values.append(values[:, :-1].float())
+            if return_logits:
+                all_logits.append(logits[:, :-1])
+        return (torch.cat(all_logprobs), torch.cat(all_logits) if return_logits else None,
+                torch.cat(all_values) if all_values else None, torch.cat(all_masks))
+
+    def _kl_penalty(self, logprob, ref_logprob):
+        kind = self.config.kl_penalty
+        if kind == "kl":
+            return logprob - ref_logprob
+        if kind == "abs":
+            return (logprob - ref_logprob).abs()
+        if kind == "mse":
+            return 0.5 * (logprob - ref_logprob).square()
+        # full: KL(pi || pi_ref) of the whole next-token distributions (logprob are log-softmaxed logits)
+        return F.kl_div(ref_logprob, logprob, log_target=True, reduction="none").sum(-1)
+
+    def compute_rewards(self, scores, logprobs, ref_logprobs, masks):
+        """Per-token reward -kl_coef * kl on response tokens, plus the score on the last one.
+        Returns (rewards, non_score_rewards), both (B, T)."""
+        kl = self._kl_penalty(logprobs, ref_logprobs) * masks
+        non_score_rewards = -self.kl_ctl.value * kl
+        rewards = non_score_rewards.clone()
+        last = (masks * torch.arange(masks.size(1), device=masks.device)).argmax(dim=1)  # last response token
+        has_response = masks.sum(dim=1) > 0  # an empty response has no token to credit
+        rewards[torch.arange(len(rewards), device=masks.device), last] += scores.to(rewards.dtype) * has_response
+        return rewards, non_score_rewards
+
+    def compute_advantages(self, values, rewards, mask):
+        """GAE: delta_t = r_t + gamma V(s_t+1) - V(s_t); A_t = sum_l (gamma lam)^l delta_t+l;
+        returns = A + V; advantages whitened over the batch. Masked positions contribute nothing."""
+        values, rewards = values * mask, rewards * mask
+        if self.config.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        gamma, lam = self.config.gamma, self.config.lam
+        T = rewards.size(1)
+        lastgaelam = torch.zeros_like(rewards[:, 0])
+        advantages_reversed = []
+        for t in reversed(range(T)):
+            nextvalues = values[:, t + 1] if t < T - 1 else 0.0
+            delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+            lastgaelam = delta + gamma * lam * lastgaelam
+            advantages_reversed.append(lastgaelam)
+        advantages = torch.stack(advantages_reversed[::-1], dim=1)
+        returns = advantages + values
+        advantages = masked_whiten(advantages, mask).detach()
+        return values, advantages, returns
+
+    def compute_loss(self, old_logprobs, values, logprobs, logits, vpreds, mask, advantages, returns):
+        """PPO's clipped policy loss + vf_coef * clipped value loss. Returns (loss, stats)."""
+        cfg = self.config
+        vpredclipped = clip_by_value(vpreds, values - cfg.cliprange_value, values + cfg.cliprange_value)
+        vf_losses1 = (vpreds - returns) ** 2
+        vf_losses2 = (vpredclipped - returns) ** 2
+        vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
+        vf_clipfrac = masked_mean(torch.gt(vf_losses2, vf_losses1).float(), mask)
+
+        ratio = torch.exp(logprobs - old_logprobs)
+        pg_losses = -advantages * ratio
+        pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cfg.cliprange, 1.0 + cfg.cliprange)
+        pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
+        pg_clipfrac = masked_mean(torch.gt(pg_losses2, pg_losses).float(), mask)
+
+        loss = pg_loss + cfg.vf_coef * vf_loss
+        avg_ratio = masked_mean(ratio, mask).item()
+        skipped = avg_ratio > cfg.ratio_threshold
+        if skipped:  # a wildly off-policy minibatch: its gradients would do more harm than good
+            pg_loss, vf_loss, loss = pg_loss * 0.0, vf_loss * 0.0, loss * 0.0
+
+        with torch.no_grad():
+            entropy = masked_mean(entropy_from_logits(logits), mask)
+            approxkl = 0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask)
+            policykl = masked_mean(old_logprobs - logprobs, mask)
+        stats = {
+            "loss": {"policy": pg_loss.detach(), "value": vf_loss.detach(), "total": loss.detach()},
+            "policy": {"entropy": entropy, "approxkl": approxkl, "policykl": policykl, "clipfrac": pg_clipfrac,
+                       "advantages_mean": masked_mean(advantages, mask), "ratio": avg_ratio,
+                       "skipped": float(skipped)},
+            "returns": {"mean": masked_mean(returns, mask), "var": masked_var(returns, mask)},
+            "val": {"vpred": masked_mean(vpreds, mask).detach(), "error": masked_mean(vf_losses1, mask).detach(),
+                    "clipfrac": vf_clipfrac, "mean": masked_mean(values, mask), "var": masked_var(values, mask)},
+        }
+        return loss, stats
+
+    def _all_reduce_mean(self, x: float) -> float:
+        if not self.is_ddp:
+            return x
+        t = torch.tensor([x], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item() / self.world_size
+
+    def step(self, queries: List[torch.Tensor], responses: List[torch.Tensor], scores: List[torch.Tensor],
+             response_masks: Optional[List[torch.Tensor]] = None) -> dict:
+        """One PPO step on a batch of rollouts: old log-probs/values, reference log-probs, rewards,
+        advantages, then ppo_epochs passes of clipped-loss updates over shuffled minibatches."""
+        cfg = self.config
+        bs = len(queries)
+        if not (bs == len(responses) == len(scores)) or bs != cfg.batch_size:
+            raise ValueError(f"step() expects batch_size={cfg.batch_size} queries, responses and scores, "
+                             f"got {bs}, {len(responses)}, {len(scores)}")
+        timing = {}
+        t_start = t = time.time()
+        scores = torch.stack([torch.as_tensor(s, dtype=torch.float32) for s in scores]).to(self.device)
+        model_inputs = self.prepare_model_inputs(queries, responses)
+        full_kl = cfg.kl_penalty == "full"
+
+        with torch.no_grad():
+            logprobs, logits, values, masks = self.batched_forward_pass(
+                self.model, queries, responses, model_inputs, return_logits=full_kl, response_masks=response_masks)
+            ref_logprobs, ref_logits, _, _ = self.batched_forward_pass(
+                self.ref_model, queries, responses, model_inputs, return_logits=full_kl, response_masks=response_masks)
+        timing["time/ppo/forward_pass"] = time.time() - t
+        t = time.time()
+        with torch.no_grad():
+            if full_kl:
+                rewards, non_score_reward = self.compute_rewards(
+                    scores, F.log_softmax(logits.float(), -1), F.log_softmax(ref_logits.float(), -1), masks)
+                del logits, ref_logits
+            else:
+                rewards, non_score_reward = self.compute_rewards(scores, logprobs, ref_logprobs, masks)
+            values, advantages, returns = self.compute_advantages(values, rewards, masks)
+        timing["time/ppo/compute_advantages"] = time.time() - t
+
+        t = time.time()
+        input_ids = model_inputs["input_ids"]
+        all_stats = []
+        for epoch in range(cfg.ppo_epochs):
+            epoch_stats = []
+            perm = torch.randperm(bs, generator=self.rng).to(self.device)
+            for b_start in range(0, bs, cfg.backward_batch_size):
+                for m_start in range(b_start, b_start + cfg.backward_batch_size, cfg.mini_batch_size):
+                    mb = perm[m_start: m_start + cfg.mini_batch_size]
+                    if self.is_ddp:  # sync gradients in the backward of the last micro-batch only
+                        self.model.require_backward_grad_sync = \
+                            m_start + cfg.mini_batch_size >= b_start + cfg.backward_batch_size
+                    mb_logits, vpreds = self._forward(self.model, input_ids[mb])
+                    mb_logprobs = logprobs_from_logits(mb_logits[:, :-1], input_ids[mb, 1:])
+                    loss, train_stats = self.compute_loss(
+                        logprobs[mb], values[mb], mb_logprobs, mb_logits[:, :-1], vpreds[:, :-1].float(), masks[mb],
+                        advantages[mb], returns[mb])
+                    self.scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+                    epoch_stats.append(train_stats)
+                if cfg.max_grad_norm is not None:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+            all_stats.extend(epoch_stats)
+            if cfg.early_stopping:
+                # the epoch's mean policy KL, the same on every rank so that all ranks stop together
+                policykl = self._all_reduce_mean(
+                    sum(float(s["policy"]["policykl"]) for s in epoch_stats) / len(epoch_stats))
+                if policykl > 1.5 * cfg.target_kl:
+                    break
+        timing["time/ppo/optimize_step"] = time.time() - t
+
+        t = time.time()
+        stats = self.record_step_stats(scores, logprobs, ref_logprobs, non_score_reward, masks, all_stats)
+        stats["ppo/epochs"] = float(epoch + 1)
+        stats["ppo/learning_rate"] = float(self.optimizer.param_groups[0]["lr"])
+        # the measured KL moves the coefficient for the next step (the reference never updated it)
+        self.kl_ctl.update(stats["objective/kl"], cfg.batch_size * self.world_size)
+        timing["time/ppo/calc_stats"] = time.time() - t
+        timing["time/ppo/total"] = time.time() - t_start
+        stats.update(timing)
+        return stats
+
+    def record_step_stats(self, scores, logprobs, ref_logprobs, non_score_reward, masks, train_stats):
+        kl = ((logprobs - ref_logprobs) * masks).sum(dim=1)  # per sequence
+        mean_kl = self._all_reduce_mean(kl.mean().item())
+        stats = {
+            "objective/kl": mean_kl,
+            "objective/kl_coef": float(self.kl_ctl.value),
+            "objective/entropy": self._all_reduce_mean((-logprobs * masks).sum(dim=1).mean().item()),
+            "ppo/mean_non_score_reward": non_score_reward.sum(dim=1).mean().item(),
+            "ppo/mean_scores": self._all_reduce_mean(scores.mean().item()),
+            "ppo/std_scores": scores.std().item() if len(scores) > 1 else 0.0,
+            "ppo/kl_ref": mean_kl,  # the seed's name for objective/kl
+            "ppo/reward_all": (scores + non_score_reward.sum(dim=1)).mean().item(),  # score + KL penalty
+            "tokens/responses_len_mean": masks.sum(dim=1).mean().item(),
+        }
+        for k, v in stack_dicts(train_stats).items():
+            stats[f"ppo/{k}"] = v
+        return stats

@@ -1,0 +1,128 @@
+"""
+Sample stories from a trained model with the KV-cache generator.
+
+    python sample.py --checkpoint=stories260K/stories260K.pt --tokenizer=stories260K/tok512.model \\
+        --temperature=0.0 --max_new_tokens=500          # greedy: the seed's story, byte for byte
+    python sample.py --checkpoint=out/ckpt.pt --start="Once upon a time" --num_samples=8 --batch=True
+    python sample.py --checkpoint=out/ckpt.pt --start=FILE:prompts.txt   # one prompt per line, batched
+
+Works the same on CPU, CUDA and MPS (--device=auto picks one); --compile=True compiles the decode step.
+Stories go to stdout (separated by a line of dashes); speed and settings go to stderr.
+"""
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+import configurator
+from model import Transformer, load_model_state, model_args_from_checkpoint
+from tinystories import get_tokenizer_model_path
+from tokenizer import Tokenizer
+from utils import load_checkpoint, pick_device, pick_dtype
+
+# -----------------------------------------------------------------------------
+checkpoint = "out/ckpt.pt"
+tokenizer = ""  # default: tok{vocab}.model next to the checkpoint, then data/tok{vocab}.model (or Llama 2's)
+start = ""  # prompt text (BOS is always prepended), or FILE:path (with --batch: one prompt per line)
+num_samples = 1  # samples per prompt
+batch = True  # generate all samples in one batched call (False: one at a time)
+max_new_tokens = 256
+temperature = 1.0  # 0.0 is greedy; < 1.0 is more conservative, > 1.0 more random
+top_k = 300  # keep only the top_k most likely tokens (0: no limit)
+top_p = 1.0  # nucleus sampling: keep the smallest set of tokens holding top_p of the mass (1.0: all)
+seed = 1337
+device = "auto"
+dtype = "auto"
+compile = False  # torch.compile the decode step (worth it for long or many samples)
+# -----------------------------------------------------------------------------
+configurator.apply_or_exit(globals(), sys.argv[1:])
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def find_tokenizer(ckpt_path, ckpt):
+    if tokenizer:
+        return tokenizer
+    config = ckpt.get("config", {})
+    vocab_size = ckpt["model_args"]["vocab_size"]
+    if config.get("tokenizer"):
+        candidates = [config["tokenizer"]]
+    elif config.get("vocab_source", "custom") == "llama2":
+        candidates = ["tokenizer.model"]
+    else:
+        candidates = []
+    candidates += [os.path.join(os.path.dirname(ckpt_path), f"tok{vocab_size}.model"),
+                   get_tokenizer_model_path(vocab_size)]
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    fail(f"no tokenizer found for {ckpt_path} (tried {', '.join(candidates)}): pass --tokenizer=path/to/tok.model")
+
+
+def main():
+    for name in ("max_new_tokens", "num_samples"):
+        if globals()[name] < 1:
+            fail(f"--{name} must be >= 1, got {globals()[name]}")
+    try:
+        dev = pick_device(device)
+        ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                   "float16": torch.float16}[pick_dtype(dtype, dev)]
+        ckpt = load_checkpoint(checkpoint, map_location="cpu")
+        model = Transformer(model_args_from_checkpoint(ckpt))
+        load_model_state(model, ckpt["model"])
+    except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
+        fail(f"{checkpoint}: {e}" if not str(e).startswith(("checkpoint", "refusing", "cannot")) else e)
+    model.eval().to(dev)
+    if ptdtype != torch.float32 and dev != "cpu":
+        model.to(ptdtype)  # inference only: keep weights and cache in the low-precision dtype
+    tok_path = find_tokenizer(checkpoint, ckpt)
+    try:
+        enc = Tokenizer(tok_path)
+    except (FileNotFoundError, ValueError) as e:
+        fail(e)
+    if enc.n_words != model.params.vocab_size:
+        fail(f"tokenizer {tok_path} has {enc.n_words} tokens but the model has vocab_size="
+             f"{model.params.vocab_size}: pass the tokenizer the model was trained with (--tokenizer=...)")
+
+    if start.startswith("FILE:"):
+        try:
+            with open(start[5:], encoding="utf-8") as f:
+                prompts = [line.rstrip("\n") for line in f if line.strip()] or [""]
+        except OSError as e:
+            fail(f"cannot read prompts from {start[5:]}: {e.strerror}")
+    else:
+        prompts = [start]
+    prompt_tokens = [enc.encode(p, bos=True, eos=False) for p in prompts for _ in range(num_samples)]
+
+    torch.manual_seed(seed)
+    generator = torch.Generator(device=dev).manual_seed(seed) if dev != "mps" else None
+    stop = [t for t in (enc.bos_id, enc.eos_id) if t >= 0]  # a TinyStories story ends where the next begins
+    decode_fn = torch.compile(model.decode_step, fullgraph=True) if compile else None
+    groups = [prompt_tokens] if batch else [[p] for p in prompt_tokens]
+    outputs, t0 = [], time.time()
+    try:
+        with torch.autocast(device_type="cuda", dtype=ptdtype) if dev.startswith("cuda") and ptdtype != torch.float32 \
+                else nullcontext():
+            for group in groups:
+                outputs += model.generate_withcache(group, max_new_tokens, temperature=temperature, top_k=top_k,
+                                                    top_p=top_p, eos_id=stop, echo=False, device=dev,
+                                                    decode_fn=decode_fn, generator=generator)
+    except ValueError as e:
+        fail(e)
+    dt = time.time() - t0
+    for i, (p, out) in enumerate(zip(prompt_tokens, outputs)):
+        if i:
+            print("---------------")
+        print(enc.decode(p + out))
+    n_tokens = sum(len(o) for o in outputs)
+    print(f"[{len(outputs)} samples, {n_tokens} tokens in {dt:.2f}s: {n_tokens / dt:,.0f} tok/s on {dev}"
+          f"{', compiled' if compile else ''}]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

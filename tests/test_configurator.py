@@ -1,0 +1,53 @@
+import pytest
+
+import configurator
+from conftest import run, script
+
+
+def make_config():
+    return {"batch_size": 32, "learning_rate": 1e-3, "compile": False, "out_dir": "out", "device": "auto",
+            "dropout": 0.0}
+
+
+def test_overrides_are_typed():
+    c = make_config()
+    configurator.apply(c, ["--batch_size=8", "--learning_rate=3e-4", "--compile=True", "--out_dir=runs/a",
+                           "--dropout=0", "--device=cpu"])
+    assert c == {"batch_size": 8, "learning_rate": 3e-4, "compile": True, "out_dir": "runs/a", "device": "cpu",
+                 "dropout": 0.0}
+    assert isinstance(c["dropout"], float)  # an int is accepted where a float is expected
+    configurator.apply(c, ["--compile=false", '--out_dir="quoted"'])
+    assert c["compile"] is False and c["out_dir"] == "quoted"
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--batch_sise=8", "unknown config key --batch_sise"),
+    ("--batch_size=eight", "--batch_size expects int"),
+    ("--batch_size=8.5", "--batch_size expects int"),
+    ("--compile=yes", "--compile expects bool"),
+    ("--learning_rate", "malformed argument"),
+    ("missing_config.py", "config file missing_config.py not found"),
+])
+def test_bad_arguments(arg, message):
+    with pytest.raises(configurator.ConfigError, match=message):
+        configurator.apply(make_config(), [arg])
+
+
+def test_config_file(tmp_path):
+    cfg = tmp_path / "small.py"
+    cfg.write_text("batch_size = 4\nlearning_rate = 1e-2\n")
+    c = make_config()
+    configurator.apply(c, [str(cfg), "--batch_size=2"])  # later arguments win
+    assert c["batch_size"] == 2 and c["learning_rate"] == 1e-2
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--max_itres=10", "error: unknown config key --max_itres"),
+    ("--batch_size=1.5", "error: --batch_size expects int"),
+    ("--learning_rate=fast", "error: --learning_rate expects float"),
+])
+def test_train_py_exits_with_one_line_error(tmp_path, arg, message):
+    proc = run([script("train.py"), f"--out_dir={tmp_path}", arg], check=False, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,125 @@
+import math
+
+import pytest
+import torch
+
+from model import (ModelArgs, Transformer, TransformerWithValueHead, apply_rotary_emb, load_model_state,
+                   precompute_freqs_cis)
+
+TINY = dict(dim=64, n_layers=2, n_heads=8, vocab_size=97, multiple_of=4, max_seq_len=64)
+
+
+def test_parameter_count_of_the_260k_config():
+    args = ModelArgs(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=4, max_seq_len=512)
+    assert args.hidden_dim == 172
+    model = Transformer(args)
+    assert sum(p.numel() for p in model.parameters()) == 260_032  # output tied to the embedding
+    assert model.output.weight is model.tok_embeddings.weight
+
+
+def test_rope_matches_complex_reference():
+    torch.manual_seed(0)
+    B, T, H, D = 2, 11, 3, 16
+    x = torch.randn(B, T, H, D)
+    cos, sin = precompute_freqs_cis(D, T)
+    got = apply_rotary_emb(x, cos.view(1, T, 1, -1), sin.view(1, T, 1, -1))
+    # Meta's original: pairs as complex numbers times e^{i * pos * theta_j}
+    freqs = 1.0 / (10000.0 ** (torch.arange(0, D, 2).float() / D))
+    freqs_cis = torch.polar(torch.ones(T, D // 2), torch.outer(torch.arange(T).float(), freqs))
+    xc = torch.view_as_complex(x.reshape(B, T, H, D // 2, 2))
+    want = torch.view_as_real(xc * freqs_cis.view(1, T, 1, D // 2)).flatten(3)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2, 8])
+def test_cached_logits_equal_full_forward_position_by_position(n_kv_heads):
+    torch.manual_seed(n_kv_heads)
+    model = Transformer(ModelArgs(**TINY, n_kv_heads=n_kv_heads)).eval()
+    tokens = torch.randint(0, TINY["vocab_size"], (3, 30))
+    with torch.no_grad():
+        full, _ = model(tokens)
+        model.setup_caches(3, 32)
+        prompt = 5
+        logits = model.prefill(tokens[:, :prompt], torch.full((3,), prompt - 1))
+        torch.testing.assert_close(logits, full[:, prompt - 1], atol=1e-5, rtol=0)
+        for t in range(prompt, 30):
+            logits = model.decode_step(tokens[:, t: t + 1], torch.full((3,), t))
+            torch.testing.assert_close(logits, full[:, t], atol=1e-5, rtol=0)
+
+
+def test_gqa_equals_multi_head_with_repeated_kv_weights():
+    """n_kv_heads < n_heads is the same function as full attention whose k/v heads are copies."""
+    torch.manual_seed(0)
+    gqa = Transformer(ModelArgs(**TINY, n_kv_heads=2)).eval()
+    mha = Transformer(ModelArgs(**TINY, n_kv_heads=8)).eval()
+    sd = gqa.state_dict()
+    hd = 64 // 8
+    for k in list(sd):
+        if k.endswith(("attention.wk.weight", "attention.wv.weight")):
+            sd[k] = sd[k].view(2, hd, 64).repeat_interleave(4, dim=0).reshape(64, 64)
+    mha.load_state_dict(sd)
+    x = torch.randint(0, 97, (2, 20))
+    torch.testing.assert_close(gqa(x)[0], mha(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_loss_is_cross_entropy_and_ignores_minus_one():
+    model = Transformer(ModelArgs(**TINY))
+    x = torch.randint(0, 97, (2, 10))
+    y = x.clone()
+    y[:, :3] = -1
+    logits, loss = model(x, y)
+    want = torch.nn.functional.cross_entropy(logits[:, 3:].reshape(-1, 97), y[:, 3:].reshape(-1))
+    torch.testing.assert_close(loss, want)
+    torch.manual_seed(1)
+    random_targets = torch.randint(0, 97, (2, 10))
+    fresh_loss = Transformer(ModelArgs(**TINY))(x, random_targets)[1].item()
+    assert abs(fresh_loss - math.log(97)) < 0.1  # a fresh init predicts nearly uniformly
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(n_heads=7), "divisible by n_heads"),
+    (dict(n_kv_heads=3), "divisible by n_kv_heads"),
+    (dict(dim=48, n_heads=16), "must be even"),
+    (dict(n_layers=0), "n_layers must be >= 1"),
+])
+def test_invalid_shapes_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        ModelArgs(**{**TINY, **bad})
+
+
+def test_value_head_model_loads_a_plain_checkpoint():
+    torch.manual_seed(0)
+    plain = Transformer(ModelArgs(**TINY))
+    sd = {"_orig_mod." + k: v for k, v in plain.state_dict().items()}  # as a compiled model saves it
+    policy = TransformerWithValueHead(ModelArgs(**TINY))
+    load_model_state(policy, sd)
+    x = torch.randint(0, 97, (2, 9))
+    logits, values, loss = policy(x)
+    torch.testing.assert_close(logits, plain(x)[0])
+    assert values.shape == (2, 9) and loss is None
+    with pytest.raises(ValueError, match="does not fit"):
+        load_model_state(Transformer(ModelArgs(**{**TINY, "n_layers": 3})), plain.state_dict())
+
+
+def test_no_kv_cache_unless_generating():
+    model = Transformer(ModelArgs(**TINY))
+    assert all(layer.attention.kv_cache is None for layer in model.layers)
+    model.generate_withcache([[1, 2]], 3, temperature=0.0)
+    assert model.cache_shape is not None
+    assert not any("kv_cache" in k for k in model.state_dict())  # caches never enter checkpoints
+    model.clear_caches()
+    assert model.cache_shape is None and not any(b.numel() > 10_000 for b in model.buffers())
+
+
+def test_golden_story_with_kv_cache(stories260k, greedy_text):
+    model, enc = stories260k
+    out = model.generate_withcache([[enc.bos_id]], 500, temperature=0.0, eos_id=enc.bos_id)[0]
+    assert len(out) == 345
+    assert enc.decode(out) == greedy_text
+
+
+def test_golden_story_without_cache(stories260k, greedy_text):
+    model, enc = stories260k
+    idx = model.generate(torch.tensor([[enc.bos_id]]), 400, temperature=0.0, eos_id=enc.bos_id)[0].tolist()[1:]
+    assert idx[-1] == enc.bos_id
+    assert enc.decode(idx[:-1]) == greedy_text

@@ -1,0 +1,415 @@
+"""
+Pre-train a Llama-style model on TinyStories, or align it with PPO (--ppo=True).
+
+Every setting below is a module-level global; override any of them as --key=value or with a config
+file (see configurator.py). Reads top to bottom: config -> setup -> model -> (PPO setup) -> loop.
+
+CPU (a laptop; tiny model, a couple of minutes):
+    python train.py --vocab_source=custom --vocab_size=512 --dim=64 --n_layers=5 --n_heads=8 \\
+        --n_kv_heads=4 --multiple_of=4 --max_seq_len=256 --batch_size=16 --max_iters=500 \\
+        --eval_interval=100 --eval_iters=10 --warmup_iters=50 --learning_rate=1e-3
+One GPU:        python train.py --compile=True
+Many GPUs:      torchrun --standalone --nproc_per_node=4 train.py   (DDP; gloo on CPU, NCCL on CUDA)
+PPO (RLHF), from out_dir/ckpt.pt (e.g. stories260K.pt copied there):
+    python train.py --out_dir=stories260K --init_from=resume --ppo=True --batch_size=50 ... (see README)
+"""
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from functools import partial
+
+import torch
+from torch.distributed import destroy_process_group, init_process_group
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import configurator
+from model import ModelArgs, Transformer, TransformerWithValueHead, load_model_state, model_args_from_checkpoint
+from tinystories import DataError, Task, file_sha256, get_tokenizer_model_path, read_meta
+from tokenizer import Tokenizer
+from utils import MetricsLog, load_checkpoint, pick_device, pick_dtype, save_checkpoint
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = "out"
+eval_interval = 2000
+log_interval = 1
+eval_iters = 100
+eval_only = False  # if True, exit right after the first evaluation
+always_save_checkpoint = False  # if True, save at every evaluation, not only on improvement
+init_from = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt; with --ppo, out_dir/ppo_ckpt.pt if any)
+# data
+batch_size = 128  # micro-batch size; with --ppo, mini-batch size (the reference: 8x rollouts per iteration)
+max_seq_len = 256
+vocab_source = "llama2"  # llama2|custom: Meta's 32K vocab, or one trained by tinystories.py train_vocab
+vocab_size = 32000
+tokenizer = ""  # path of the tokenizer .model; default data/tok{vocab_size}.model (custom) or tokenizer.model
+# model
+dim = 288
+n_layers = 6
+n_heads = 6
+n_kv_heads = 6
+multiple_of = 32
+dropout = 0.0
+# adamw optimizer
+gradient_accumulation_steps = 4  # to simulate larger batches
+learning_rate = 5e-4  # max learning rate
+max_iters = 100000  # total number of training iterations
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip gradients at this norm, or disable if == 0.0
+# learning rate decay
+decay_lr = True  # cosine decay after a linear warm-up
+warmup_iters = 1000
+# system
+device = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps
+dtype = "auto"  # auto (bfloat16 on CUDA if supported, else float32), float32, bfloat16, float16
+compile = "auto"  # torch.compile the model: auto = on CUDA only, where it pays for its compile time
+seed = 1337
+# PPO (RLHF): reward = -|target_len - story length| / 100, see ppo.py
+ppo = False
+start_len = 30  # queries are BOS + the first 0..start_len tokens of a story
+max_gen_len = 300  # new tokens per rollout at most
+target_len = 200  # the story length (query + response tokens) the reward asks for
+rollouts = 0  # rollouts per PPO iteration; 0 = 8 * batch_size, as the reference
+ppo_epochs = 4
+init_kl_coef = 0.2  # beta of the per-token KL penalty against the frozen reference model
+adap_kl_ctrl = True  # adapt beta towards kl_target (Ziegler et al. 2019)
+kl_target = 6.0
+target_kl = 1.0  # early-stop the PPO epochs when the epoch's policy KL exceeds 1.5x this
+vf_coef = 0.1
+cliprange = 0.2
+cliprange_value = 0.2
+gamma = 1.0
+lam = 0.95
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+configurator.apply_or_exit(globals(), sys.argv[1:], config_keys)
+config = {k: globals()[k] for k in config_keys}  # saved in checkpoints, useful for logging
+# -----------------------------------------------------------------------------
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+# validate what the model constructor cannot see
+if vocab_source not in ("llama2", "custom"):
+    fail(f"--vocab_source must be llama2 or custom, got {vocab_source!r}")
+if vocab_source == "llama2" and vocab_size != 32000:
+    fail(f"the Llama 2 vocabulary has 32000 tokens, got --vocab_size={vocab_size} (use --vocab_source=custom)")
+if init_from not in ("scratch", "resume"):
+    fail(f"--init_from must be scratch or resume, got {init_from!r}")
+for _k in ("batch_size", "max_seq_len", "gradient_accumulation_steps", "eval_iters", "eval_interval",
+           "log_interval", "max_gen_len", "ppo_epochs"):
+    if globals()[_k] < 1:
+        fail(f"--{_k} must be >= 1, got {globals()[_k]}")
+if compile not in ("auto", True, False):
+    fail(f"--compile must be auto, True or False, got {compile!r}")
+lr_decay_iters = max_iters  # ~= max_iters per Chinchilla
+min_lr = 0.0  # ~= learning_rate/10 per Chinchilla
+
+# DDP: one process per device under torchrun
+ddp = int(os.environ.get("RANK", -1)) != -1
+try:
+    device = pick_device(device)
+    dtype = pick_dtype(dtype, device)
+except ValueError as e:
+    fail(e)
+if ddp:
+    init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    ddp_rank, ddp_local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    ddp_world_size = int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = f"cuda:{ddp_local_rank}"
+        torch.cuda.set_device(device)
+    master_process = ddp_rank == 0  # logs and checkpoints
+    seed_offset = ddp_rank  # each process draws different data
+    if gradient_accumulation_steps % ddp_world_size:
+        fail(f"--gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the "
+             f"{ddp_world_size} processes")
+    gradient_accumulation_steps //= ddp_world_size
+else:
+    master_process, seed_offset, ddp_world_size = True, 0, 1
+tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * max_seq_len
+if master_process and not ppo:
+    print(f"tokens per iteration will be: {tokens_per_iter:,}")
+    print(f"breaks down as: {gradient_accumulation_steps} grad accum steps * {ddp_world_size} processes * "
+          f"{batch_size} batch size * {max_seq_len} max seq len")
+
+if master_process:
+    os.makedirs(out_dir, exist_ok=True)
+torch.manual_seed(seed + seed_offset)
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+device_type = "cuda" if "cuda" in device else "cpu"  # for torch.autocast
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+use_compile = device_type == "cuda" if compile == "auto" else compile
+
+# -----------------------------------------------------------------------------
+# model: from scratch, or resumed from a checkpoint (a PPO run resumes its own ppo_ckpt.pt when present)
+iter_num = 0
+best_val_loss = 1e9
+best_reward = -1e9
+checkpoint = None
+model_args = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
+                  multiple_of=multiple_of, max_seq_len=max_seq_len, dropout=dropout)
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+ppo_ckpt_path = os.path.join(out_dir, "ppo_ckpt.pt")
+if init_from == "resume":
+    resume_path = ppo_ckpt_path if ppo and os.path.exists(ppo_ckpt_path) else ckpt_path
+    if not os.path.exists(resume_path):
+        fail(f"--init_from=resume but {resume_path} does not exist: train from scratch first or copy a checkpoint there")
+    print(f"Resuming training from {resume_path}")
+    try:
+        checkpoint = load_checkpoint(resume_path, map_location=device)
+        # the architecture comes from the checkpoint; dropout and the rest may change from the command line
+        for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len",
+                  "hidden_dim", "norm_eps", "rope_theta"):
+            if k in checkpoint["model_args"]:
+                model_args[k] = checkpoint["model_args"][k]
+    except (ValueError, KeyError, TypeError) as e:
+        fail(f"{resume_path}: {e}")
+    vocab_source = checkpoint.get("config", {}).get("vocab_source", vocab_source)
+try:
+    gptconf = ModelArgs(**model_args)
+except ValueError as e:
+    fail(f"invalid model shape: {e}")
+model = (TransformerWithValueHead if ppo else Transformer)(gptconf)
+resumed_ppo = False
+if checkpoint is not None:
+    try:
+        load_model_state(model, checkpoint["model"])
+    except (ValueError, KeyError) as e:
+        fail(f"{resume_path}: {e}")
+    resumed_ppo = resume_path == ppo_ckpt_path
+    if not ppo or resumed_ppo:  # a PPO run started from a pre-training checkpoint starts its own count
+        best_val_loss = float(checkpoint.get("best_val_loss", best_val_loss))
+        best_reward = float(checkpoint.get("best_reward", best_reward))
+    iter_num = checkpoint["iter_num"]
+model.to(device)
+vocab_size = gptconf.vocab_size
+
+# the tokenizer: PPO needs it (queries, decoding); pre-training only checks it matches the data
+tokenizer_model = tokenizer or get_tokenizer_model_path(0 if vocab_source == "llama2" else vocab_size) or "tokenizer.model"
+meta = read_meta(0 if vocab_source == "llama2" else vocab_size)
+enc = None
+if os.path.isfile(tokenizer_model) or ppo:
+    try:
+        enc = Tokenizer(tokenizer_model)
+    except (FileNotFoundError, ValueError) as e:
+        fail(e)
+    if enc.n_words != vocab_size:
+        fail(f"tokenizer {tokenizer_model} has {enc.n_words} tokens but the model has vocab_size={vocab_size}: "
+             f"pass the tokenizer the model was trained with (--tokenizer=...)")
+    if meta is not None and meta["tokenizer_sha256"] != file_sha256(tokenizer_model):
+        fail(f"the pretokenized data was made with {meta['tokenizer']}, not with {tokenizer_model}: re-run "
+             f"`python tinystories.py pretokenize --vocab_size={vocab_size} --tokenizer={tokenizer_model}`")
+if meta is not None and meta["vocab_size"] != vocab_size:
+    fail(f"the pretokenized data has a {meta['vocab_size']}-token vocabulary but the model has {vocab_size}")
+
+iter_batches = partial(Task.iter_batches, batch_size=batch_size, max_seq_len=max_seq_len, vocab_size=vocab_size,
+                       vocab_source=vocab_source, device=device, num_workers=0)
+try:
+    train_batch_iter = iter_batches(split="train", seed=seed)
+    X, Y = next(train_batch_iter)  # fetch the very first batch (and report missing data now)
+except DataError as e:
+    fail(e)
+
+# GradScaler: a no-op unless float16
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if checkpoint is not None and "optimizer" in checkpoint and (not ppo or resumed_ppo):
+    optimizer.load_state_dict(checkpoint["optimizer"])
+ppo_state = checkpoint.get("ppo_state") if checkpoint is not None and resumed_ppo else None
+checkpoint = None  # free up memory
+
+raw_model = model  # the plain module: checkpoints, generation, MFU
+if use_compile:
+    print("compiling the model... (takes a ~minute)")
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
+
+# -----------------------------------------------------------------------------
+# PPO: a frozen reference model, the trainer, the query sampler and the reward
+if ppo:
+    from ppo import LengthReward, LengthSampler, PPOConfig, PPOTrainer
+    if not os.path.exists(ckpt_path):
+        fail(f"--ppo=True needs the pre-trained model at {ckpt_path} as the KL reference")
+    try:
+        ppoconf = PPOConfig(
+            seed=seed + seed_offset, learning_rate=learning_rate, adap_kl_ctrl=adap_kl_ctrl,
+            init_kl_coef=init_kl_coef, kl_penalty="kl", target=kl_target, gamma=gamma, lam=lam,
+            cliprange=cliprange, cliprange_value=cliprange_value, vf_coef=vf_coef,
+            batch_size=rollouts or 8 * batch_size, mini_batch_size=batch_size,
+            gradient_accumulation_steps=gradient_accumulation_steps, ppo_epochs=ppo_epochs,
+            max_grad_norm=grad_clip or None, early_stopping=True, target_kl=target_kl)
+    except ValueError as e:
+        fail(e)
+    # the reference is the pre-trained model (no value head, no cache, eval mode), even on PPO resume
+    ref_model = Transformer(gptconf)
+    load_model_state(ref_model, load_checkpoint(ckpt_path, map_location=device)["model"])
+    ref_model.to(device).eval().requires_grad_(False)
+    ppo_trainer = PPOTrainer(ppoconf, model, ref_model, enc, optimizer, scaler, ddp, autocast_dtype=ptdtype)
+    query_length = LengthSampler(0, start_len, seed=seed + seed_offset)
+    if ppo_state is not None:
+        ppo_trainer.kl_ctl.value = ppo_state["kl_coef"]
+        query_length.load_state_dict(ppo_state["query_length"])
+    reward_fn = LengthReward(target_len)
+    decode_fn = torch.compile(raw_model.decode_step) if use_compile else None
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over eval_iters batches of each split (train mode restored afterwards)."""
+    out = {}
+    model.eval()
+    for split in ("train", "val"):
+        batch_iter = iter_batches(split=split, seed=seed)
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            X, Y = next(batch_iter)
+            with ctx:
+                loss = raw_model(X, Y)[-1]
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def get_lr(it):
+    """Linear warm-up, then cosine decay to min_lr at lr_decay_iters."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    decay_ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+def save(path, **extra):
+    save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "model_args": asdict(gptconf), "iter_num": iter_num, "best_val_loss": best_val_loss,
+                     "config": config, **extra}, path)
+    print(f"saved checkpoint {path}")
+
+
+def sample_queries(n):
+    """n queries: BOS + the first LengthSampler() tokens of stories from the training batches."""
+    global X
+    queries = []
+    while len(queries) < n:
+        for row in X.tolist():
+            if enc.bos_id in row:
+                begin = row.index(enc.bos_id)
+                queries.append(row[begin: begin + query_length() + 1])
+        X, _ = next(train_batch_iter)
+    return queries[:n]
+
+
+# -----------------------------------------------------------------------------
+# training loop
+metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl")) if master_process else None
+start_iter = iter_num
+t0 = t_start = time.time()
+running_mfu = -1.0
+rewards_since_eval = []
+model.train()
+while True:
+    lr = get_lr(iter_num) if decay_lr else learning_rate
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = lr
+
+    # evaluate, checkpoint
+    last_iter = iter_num > max_iters  # llama2.c trains iterations start..max_iters inclusive
+    if (iter_num % eval_interval == 0 or last_iter) and master_process and (iter_num > start_iter or eval_only or not ppo):
+        losses = estimate_loss()
+        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        metrics.write(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
+        if not ppo and (losses["val"] < best_val_loss or always_save_checkpoint) and iter_num > 0:
+            best_val_loss = min(best_val_loss, losses["val"])
+            save(ckpt_path)
+        if ppo and rewards_since_eval:
+            # PPO keeps the policy with the best mean reward, not the best pre-training loss
+            reward = sum(rewards_since_eval) / len(rewards_since_eval)
+            rewards_since_eval = []
+            if reward > best_reward or always_save_checkpoint:
+                best_reward = max(best_reward, reward)
+                save(ppo_ckpt_path, best_reward=best_reward, ppo_state={
+                    "kl_coef": ppo_trainer.kl_ctl.value, "query_length": query_length.state_dict()})
+    if eval_only or last_iter:
+        break
+
+    if not ppo:
+        # forward, backward, update, with gradient accumulation; DDP syncs on the last micro-step only
+        for micro_step in range(gradient_accumulation_steps):
+            if ddp:
+                model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+            with ctx:
+                loss = model(X, Y)[-1] / gradient_accumulation_steps
+            X, Y = next(train_batch_iter)  # prefetch while the device works
+            scaler.scale(loss).backward()
+        if grad_clip != 0.0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        # rollouts with the KV-cache generator (dropout off), scored by the length reward, one PPO step
+        t_roll = time.time()
+        queries = sample_queries(ppoconf.batch_size)
+        raw_model.eval()
+        responses = raw_model.generate_withcache(queries, max_gen_len, temperature=1.0, top_k=0, top_p=1.0,
+                                                 eos_id=enc.bos_id, device=device, decode_fn=decode_fn)
+        raw_model.train()
+        t_roll = time.time() - t_roll
+        # keep the end-of-story token in a response that stopped before its budget: choosing to stop is
+        # the very action the length reward judges, so it must receive its share of the advantage
+        ended = [len(r) < min(max_gen_len, gptconf.max_seq_len - len(q)) for q, r in zip(queries, responses)]
+        lengths = [len(q) + len(r) for q, r in zip(queries, responses)]  # the story, without the end token
+        responses = [r + [enc.bos_id] if e else r for r, e in zip(responses, ended)]
+        scores = [reward_fn(n) for n in lengths]
+        stats = ppo_trainer.step([torch.tensor(q, device=device) for q in queries],
+                                 [torch.tensor(r, device=device) for r in responses],
+                                 [torch.tensor(s, device=device) for s in scores])
+        reward_mean = sum(scores) / len(scores)
+        rewards_since_eval.append(reward_mean)
+
+    # timing and logging
+    t1 = time.time()
+    dt, t0 = t1 - t0, t1
+    if iter_num % log_interval == 0 and master_process:
+        done_iters = iter_num + 1 - start_iter
+        eta = (t1 - t_start) / done_iters * (max_iters - iter_num - 1)
+        if not ppo:
+            lossf = loss.item() * gradient_accumulation_steps  # a host sync, only when logging
+            if iter_num - start_iter >= 5 and device_type == "cuda":
+                mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt)
+                running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
+            tok_s = tokens_per_iter / dt
+            print(f"{iter_num} | loss {lossf:.4f} | lr {lr:e} | {dt * 1000:.2f}ms | {tok_s:,.0f} tok/s"
+                  + (f" | mfu {running_mfu * 100:.2f}%" if running_mfu > 0 else "") + f" | eta {eta / 60:.1f} min")
+            metrics.write(iter=iter_num, loss=lossf, lr=lr, dt_ms=dt * 1000, tok_per_s=tok_s)
+        else:
+            length_mean = sum(lengths) / len(lengths)
+            gen_tokens = sum(len(r) for r in responses)  # incl. end tokens
+            print(f"{iter_num} | reward {reward_mean:.4f} | length {length_mean:.1f} | kl_ref {stats['ppo/kl_ref']:.3f}"
+                  f" | entropy {stats['ppo/policy/entropy']:.3f} | kl_coef {stats['objective/kl_coef']:.4f}"
+                  f" | {dt:.1f}s (rollout {t_roll:.1f}s, {gen_tokens / t_roll:,.0f} tok/s) | eta {eta / 60:.1f} min")
+            metrics.write(iter=iter_num, reward_mean=reward_mean, length_mean=length_mean,
+                          kl_ref=stats["ppo/kl_ref"], kl_coef=stats["objective/kl_coef"],
+                          entropy=stats["ppo/policy/entropy"], time_s=dt, rollout_s=t_roll,
+                          rollout_tok_per_s=gen_tokens / t_roll, lr=lr,
+                          **{k: v for k, v in stats.items() if isinstance(v, float)})
+    iter_num += 1
+
+if ddp:
+    destroy_process_group()

@@ -1,0 +1,94 @@
+"""
+Small helpers every script shares: atomic file writes, safe checkpoint loading, device selection,
+and the JSONL metrics log.
+"""
+import contextlib
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+
+import torch
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Write to a temporary file in the same folder, then os.replace it onto path: a crash midway
+    leaves the previous file (or none) under the final name, never a half-written one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(obj, path):
+    with atomic_write(path) as f:
+        torch.save(obj, f)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """torch.load with weights_only=True (a checkpoint can never run code), and one-line errors for a
+    missing, truncated or malicious file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported object"
+        raise ValueError(f"refusing to load {path}: it holds objects a weights-only load does not allow "
+                         f"({first[:160]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"cannot read checkpoint {path}: truncated or not a PyTorch checkpoint "
+                         f"({str(e).splitlines()[0][:120]})") from None
+
+
+def pick_device(device="auto"):
+    """'auto' -> cuda, else mps, else cpu. An explicit device that is not there is a clear error."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device={device} but CUDA is not available here: use --device=cpu (or auto)")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("--device=mps but MPS is not available here: use --device=cpu (or auto)")
+    return device
+
+
+def pick_dtype(dtype, device):
+    """'auto' -> bfloat16 on CUDA when supported, else float32."""
+    if dtype == "auto":
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return "bfloat16"
+        return "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype}")
+    return dtype
+
+
+class MetricsLog:
+    """Appends one JSON object per line to out_dir/<name>; each line is flushed as it is written."""
+
+    def __init__(self, path):
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(self, **row):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
