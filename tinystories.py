@@ -172,12 +172,16 @@ def train_vocab(vocab_size: int, num_shards: int = 10):
                     of.write(example["story"].strip() + "\n")
     print(f"Size of the training text: {os.path.getsize(text_file) / 1024 / 1024:.2f} MB")
     tmp_prefix = prefix + ".partial"
-    spm.SentencePieceTrainer.train(
-        input=text_file, model_prefix=tmp_prefix, model_type="bpe", vocab_size=vocab_size,
-        input_format="text", character_coverage=1.0,
-        num_threads=os.cpu_count(), split_digits=True, allow_whitespace_only_pieces=True,
-        byte_fallback=True, unk_surface=r" \342\201\207 ", normalization_rule_name="identity",
-        minloglevel=2)
+    try:
+        spm.SentencePieceTrainer.train(
+            input=text_file, model_prefix=tmp_prefix, model_type="bpe", vocab_size=vocab_size,
+            input_format="text", character_coverage=1.0,
+            num_threads=os.cpu_count(), split_digits=True, allow_whitespace_only_pieces=True,
+            byte_fallback=True, unk_surface=r" \342\201\207 ", normalization_rule_name="identity",
+            minloglevel=2)
+    except RuntimeError as e:  # e.g. a vocabulary smaller than the corpus's characters + 256 bytes
+        raise DataError(f"sentencepiece could not train a {vocab_size}-token vocabulary: "
+                        f"{str(e).splitlines()[0].split('] ')[-1]}") from None
     for ext in (".model", ".vocab"):
         os.replace(tmp_prefix + ext, prefix + ext)
     os.remove(text_file)  # a copy of the corpus; the shards stay

@@ -234,7 +234,8 @@ if use_compile:
     print("compiling the model... (takes a ~minute)")
     model = torch.compile(model)
 if ddp:
-    model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
+    # buffers (RoPE tables, the generation KV cache) are deterministic or private: never broadcast them
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
 
 # -----------------------------------------------------------------------------
 # PPO: a frozen reference model, the trainer, the query sampler and the reward
@@ -412,4 +413,14 @@ while True:
     iter_num += 1
 
 if ddp:
+    # DDP keeps replicas identical by construction; check it, since a silent divergence wastes a run
+    flat = torch.cat([p.detach().double().flatten() for p in raw_model.parameters()])
+    fingerprint = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64,
+                                                                   device=flat.device)).sum()])
+    gathered = [torch.zeros_like(fingerprint) for _ in range(ddp_world_size)]
+    torch.distributed.all_gather(gathered, fingerprint)
+    if not all(torch.equal(g, gathered[0]) for g in gathered):
+        fail("the DDP ranks ended with different weights")
+    if master_process:
+        print(f"all {ddp_world_size} ranks hold identical weights")
     destroy_process_group()

@@ -1,0 +1,355 @@
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import run, script
+from model import ModelArgs, Transformer, TransformerWithValueHead
+from ppo import (AdaptiveKLController, FixedKLController, LengthReward, LengthSampler, PPOConfig, PPOTrainer,
+                 clip_by_value, entropy_from_logits, logprobs_from_logits, masked_mean, masked_var, masked_whiten)
+
+SMALL = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32, multiple_of=4, max_seq_len=64)
+
+
+def make_trainer(config=None, seed=0, **kw):
+    torch.manual_seed(seed)
+    policy = TransformerWithValueHead(ModelArgs(**SMALL))
+    ref = Transformer(ModelArgs(**SMALL))
+    ref.load_state_dict({k: v for k, v in policy.state_dict().items() if not k.startswith("value_head")})
+    ref.eval().requires_grad_(False)
+    config = config or PPOConfig(batch_size=8, mini_batch_size=4, learning_rate=1e-3)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    return PPOTrainer(config, policy, ref, None, optimizer, **kw)
+
+
+def rollouts(n, seed=0, q_len=(1, 5), r_len=(1, 12)):
+    g = torch.Generator().manual_seed(seed)
+    queries = [torch.randint(3, 32, (int(torch.randint(*q_len, (1,), generator=g)),), generator=g) for _ in range(n)]
+    responses = [torch.randint(3, 32, (int(torch.randint(*r_len, (1,), generator=g)),), generator=g) for _ in range(n)]
+    scores = [torch.tensor(float(torch.randn(1, generator=g))) for _ in range(n)]
+    return queries, responses, scores
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def test_masked_statistics_on_tiny_masks():
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    assert masked_mean(x, torch.tensor([[0, 1, 1, 0.0]])).item() == 2.5
+    assert masked_mean(x, torch.zeros(1, 4)).item() == 0.0  # empty mask: 0, not NaN
+    assert masked_var(x, torch.tensor([[0, 1, 1, 0.0]])).item() == pytest.approx(0.5)  # unbiased
+    assert masked_var(x, torch.tensor([[0, 1, 1, 0.0]]), unbiased=False).item() == pytest.approx(0.25)
+    assert masked_var(x, torch.tensor([[0, 0, 1, 0.0]])).item() == 0.0  # one element: no crash, no NaN
+    assert masked_var(x, torch.zeros(1, 4)).item() == 0.0
+    w = masked_whiten(x, torch.ones(1, 4))
+    assert abs(w.mean().item()) < 1e-6 and w.std().item() == pytest.approx(1.0, abs=1e-3)
+    assert torch.isfinite(masked_whiten(x, torch.tensor([[0, 0, 1, 0.0]]))).all()
+    assert clip_by_value(torch.tensor([-2.0, 0.5, 3.0]), torch.tensor(-1.0), torch.tensor(1.0)).tolist() == [-1, 0.5, 1]
+
+
+def test_logprobs_and_entropy():
+    logits = torch.tensor([[[0.0, math.log(3.0)]]])
+    assert logprobs_from_logits(logits, torch.tensor([[1]])).item() == pytest.approx(math.log(0.75))
+    p = torch.tensor([0.25, 0.75])
+    assert entropy_from_logits(logits).item() == pytest.approx(-(p * p.log()).sum().item(), abs=1e-6)
+
+
+def test_gae_by_hand():
+    cfg = PPOConfig(batch_size=1, mini_batch_size=1, gamma=0.9, lam=0.8)
+    trainer = make_trainer(cfg)
+    values = torch.tensor([[9.0, 1.0, 2.0, 3.0, 9.0]])  # position 0 (query) and 4 (padding) are masked
+    rewards = torch.tensor([[9.0, 0.5, -1.0, 2.0, 9.0]])
+    mask = torch.tensor([[0.0, 1, 1, 1, 0]])
+    v, adv, ret = trainer.compute_advantages(values, rewards, mask)
+    g, lam = 0.9, 0.8
+    d3 = 2.0 + g * 0 - 3.0  # the last response token: no next value
+    d2 = -1.0 + g * 3.0 - 2.0
+    d1 = 0.5 + g * 2.0 - 1.0
+    a3, a2 = d3, d2 + g * lam * d3
+    a1 = d1 + g * lam * a2
+    torch.testing.assert_close(ret[0, 1:4], torch.tensor([a1 + 1, a2 + 2, a3 + 3]))
+    raw = torch.tensor([a1, a2, a3])
+    torch.testing.assert_close(adv[0, 1:4], (raw - raw.mean()) / raw.std(), atol=1e-4, rtol=1e-4)
+    assert v[0, 0] == 0 and v[0, 4] == 0
+
+
+@pytest.mark.parametrize("kind", ["kl", "abs", "mse", "full"])
+def test_rewards_for_each_kl_penalty(kind):
+    trainer = make_trainer(PPOConfig(batch_size=1, mini_batch_size=1, kl_penalty=kind, init_kl_coef=0.5))
+    mask = torch.tensor([[0.0, 1, 1, 0]])
+    if kind == "full":
+        lp = torch.log_softmax(torch.tensor([[[1.0, 0.0]] * 4]), -1)
+        ref = torch.log_softmax(torch.tensor([[[0.0, 1.0]] * 4]), -1)
+        p = lp.exp()
+        per_token = (p * (lp - ref)).sum(-1)[0]
+    else:
+        lp = torch.tensor([[-1.0, -0.5, -2.0, -1.0]])
+        ref = torch.tensor([[-1.0, -1.5, -1.0, -3.0]])
+        d = (lp - ref)[0]
+        per_token = {"kl": d, "abs": d.abs(), "mse": 0.5 * d ** 2}[kind]
+    rewards, non_score = trainer.compute_rewards(torch.tensor([2.0]), lp, ref, mask)
+    want = -0.5 * per_token * mask[0]
+    torch.testing.assert_close(non_score[0], want)
+    want = want.clone()
+    want[2] += 2.0  # the score lands on the last response token
+    torch.testing.assert_close(rewards[0], want)
+
+
+def test_empty_response_gets_no_score_and_does_not_crash():
+    trainer = make_trainer(PPOConfig(batch_size=1, mini_batch_size=1))
+    rewards, _ = trainer.compute_rewards(torch.tensor([5.0]), torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(1, 3))
+    assert rewards.abs().sum() == 0
+
+
+def _loss_inputs(ratio, adv, vpred=0.0, value=0.0, ret=1.0):
+    old = torch.zeros(1, 1)
+    return dict(old_logprobs=old, values=torch.full((1, 1), value), logprobs=old + math.log(ratio),
+                logits=torch.zeros(1, 1, 4), vpreds=torch.full((1, 1), vpred), mask=torch.ones(1, 1),
+                advantages=torch.full((1, 1), adv), returns=torch.full((1, 1), ret))
+
+
+@pytest.mark.parametrize("ratio, adv, clipped", [
+    (1.1, 1.0, False),   # inside the trust region: plain -A * ratio
+    (1.5, 1.0, True),    # positive advantage, ratio above 1 + eps: clipped to 1.2
+    (0.5, -1.0, True),   # negative advantage, ratio below 1 - eps: clipped to 0.8
+    (0.5, 1.0, False),   # pessimistic bound picks the unclipped term
+])
+def test_clipped_policy_loss(ratio, adv, clipped):
+    trainer = make_trainer(PPOConfig(batch_size=1, mini_batch_size=1, cliprange=0.2, vf_coef=0.0))
+    loss, stats = trainer.compute_loss(**_loss_inputs(ratio, adv))
+    want = -adv * (min(max(ratio, 0.8), 1.2) if clipped else ratio)
+    assert stats["loss"]["policy"].item() == pytest.approx(want, rel=1e-5)
+    assert stats["policy"]["clipfrac"].item() == float(clipped)
+
+
+@pytest.mark.parametrize("vpred, clipped", [(0.1, False), (0.5, True)])
+def test_clipped_value_loss(vpred, clipped):
+    trainer = make_trainer(PPOConfig(batch_size=1, mini_batch_size=1, cliprange_value=0.2, vf_coef=0.1))
+    loss, stats = trainer.compute_loss(**_loss_inputs(1.0, 0.0, vpred=vpred, value=0.0, ret=-1.0))
+    # returns -1: moving vpred up is wrong; clipping can only make the loss larger (max of the two)
+    unclipped, clipped_term = (vpred + 1) ** 2, (min(vpred, 0.2) + 1) ** 2
+    assert stats["loss"]["value"].item() == pytest.approx(0.5 * max(unclipped, clipped_term), rel=1e-5)
+    assert stats["val"]["clipfrac"].item() == 0.0  # vf_losses2 > vf_losses1 never holds here
+    loss2, stats2 = trainer.compute_loss(**_loss_inputs(1.0, 0.0, vpred=vpred, value=0.0, ret=1.0))
+    # returns +1: the clipped prediction is further from the target, the clipped loss counts
+    assert stats2["val"]["clipfrac"].item() == float(clipped)
+    assert loss2.item() == pytest.approx(0.1 * 0.5 * (1 - min(vpred, 0.2)) ** 2, rel=1e-5)
+
+
+def test_ratio_threshold_skips_the_minibatch():
+    trainer = make_trainer(PPOConfig(batch_size=1, mini_batch_size=1, ratio_threshold=2.0))
+    loss, stats = trainer.compute_loss(**_loss_inputs(5.0, 1.0))
+    assert loss.item() == 0.0 and stats["policy"]["skipped"] == 1.0
+
+
+def test_adaptive_kl_controller_moves_both_ways():
+    ctl = AdaptiveKLController(0.2, target=6.0, horizon=10000)
+    ctl.update(12.0, n_steps=400)
+    assert ctl.value == pytest.approx(0.2 * (1 + 0.2 * 400 / 10000))  # error clipped at +20%
+    up = ctl.value
+    ctl.update(3.0, n_steps=400)
+    assert ctl.value < up
+    fixed = FixedKLController(0.3)
+    fixed.update(100.0, 400)
+    assert fixed.value == 0.3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch_size=10, mini_batch_size=4), "multiple of"),
+    (dict(init_kl_coef=-0.1), "init_kl_coef must be >= 0"),
+    (dict(cliprange=0.0), "cliprange must be > 0"),
+    (dict(kl_penalty="js"), "kl_penalty must be"),
+    (dict(mini_batch_size=0), "mini_batch_size must be >= 1"),
+    (dict(batch_size=8, mini_batch_size=4, gradient_accumulation_steps=2, backward_batch_size=4), "must equal"),
+])
+def test_invalid_config_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PPOConfig(**kwargs)
+
+
+def test_length_sampler_and_reward():
+    s = LengthSampler(0, 30, seed=1)
+    draws = [s() for _ in range(2000)]
+    assert min(draws) == 0 and max(draws) == 29
+    state = s.state_dict()
+    nxt = [s() for _ in range(5)]
+    s2 = LengthSampler(0, 30, seed=99)
+    s2.load_state_dict(state)
+    assert [s2() for _ in range(5)] == nxt
+    assert LengthReward(200)(300) == -1.0 and LengthReward(200)(200) == 0.0 and LengthReward(200)(150) == -0.5
+
+
+# --- the step --------------------------------------------------------------------------------------
+
+def test_first_minibatch_ratio_is_exactly_one_and_nothing_is_clipped():
+    trainer = make_trainer()
+    seen = []
+    original = trainer.compute_loss
+
+    def spy(*args):
+        loss, stats = original(*args)
+        seen.append(stats)
+        return loss, stats
+
+    trainer.compute_loss = spy
+    trainer.step(*rollouts(8))
+    first = seen[0]
+    assert first["policy"]["ratio"] == 1.0
+    assert first["policy"]["clipfrac"].item() == 0.0 and first["val"]["clipfrac"].item() == 0.0
+    assert first["policy"]["policykl"].item() == 0.0
+
+
+def test_step_stats_and_kl_coefficient_update():
+    trainer = make_trainer(scaler=None)  # no GradScaler: must work
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    stats = trainer.step(*rollouts(8))
+    seed_keys = ["ppo/loss/policy", "ppo/loss/value", "ppo/loss/total", "ppo/policy/entropy", "ppo/policy/policykl",
+                 "ppo/policy/clipfrac", "ppo/policy/advantages_mean", "ppo/returns/mean", "ppo/returns/var",
+                 "ppo/val/vpred", "ppo/val/error", "ppo/val/clipfrac", "ppo/val/mean", "ppo/val/var",
+                 "ppo/learning_rate", "ppo/kl_ref", "ppo/reward_all", "objective/kl_coef", "time/ppo/total"]
+    assert all(k in stats and math.isfinite(stats[k]) for k in seed_keys), [k for k in seed_keys if k not in stats]
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    # the controller was updated with the measured KL (0 at the first step: below target, so it shrinks)
+    assert stats["ppo/kl_ref"] == 0.0 and trainer.kl_ctl.value < 0.2
+    stats2 = trainer.step(*rollouts(8, seed=1))
+    assert stats2["ppo/kl_ref"] != 0.0  # the policy moved away from the reference (these tokens are not
+    # sampled from the policy, so the sampled KL estimate may take either sign)
+    assert stats2["objective/kl_coef"] == pytest.approx(trainer.kl_ctl.value / (1 + max(-0.2, min(0.2, stats2["ppo/kl_ref"] / 6 - 1)) * 8 / 10000))
+
+
+def test_response_masks_and_one_token_responses():
+    trainer = make_trainer()
+    q, r, s = rollouts(8, r_len=(1, 2))  # one-token responses everywhere
+    masks = [torch.ones(len(x)) for x in r]
+    stats = trainer.step(q, r, s, response_masks=masks)
+    assert math.isfinite(stats["ppo/loss/total"])
+
+
+def test_early_stopping_uses_the_epoch_mean_kl():
+    cfg = PPOConfig(batch_size=8, mini_batch_size=4, ppo_epochs=4, early_stopping=True, target_kl=0.0)
+    stats = make_trainer(cfg).step(*rollouts(8))
+    assert stats["ppo/epochs"] == 1.0  # any positive KL exceeds 1.5 * 0 after the first epoch
+    cfg = PPOConfig(batch_size=8, mini_batch_size=4, ppo_epochs=4, early_stopping=True, target_kl=100.0)
+    assert make_trainer(cfg).step(*rollouts(8))["ppo/epochs"] == 4.0
+
+
+def test_ddp_sync_flag_is_set_before_the_forward_of_the_last_micro_batch():
+    cfg = PPOConfig(batch_size=8, mini_batch_size=2, gradient_accumulation_steps=2)
+    trainer = make_trainer(cfg)
+    trainer.is_ddp = True
+    trainer._all_reduce_mean = lambda x: x  # no process group in this test
+    model = trainer.model
+    flags = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+            self.require_backward_grad_sync = True
+
+        def forward(self, x):
+            if torch.is_grad_enabled():
+                flags.append(self.require_backward_grad_sync)
+            return self.inner(x)
+
+    trainer.model = Recorder()
+    trainer.step(*rollouts(8))
+    assert flags[:4] == [False, True, False, True]  # two micro-batches per optimizer step
+
+
+def test_ppo_lowers_the_length_when_short_stories_pay():
+    """A few PPO iterations from a small random model, rewarded for short generations, end sooner."""
+    torch.manual_seed(0)
+    args = ModelArgs(**SMALL)
+    policy = TransformerWithValueHead(args)
+    ref = Transformer(args)
+    ref.load_state_dict({k: v for k, v in policy.state_dict().items() if not k.startswith("value_head")})
+    ref.eval().requires_grad_(False)
+    cfg = PPOConfig(batch_size=32, mini_batch_size=16, ppo_epochs=4, init_kl_coef=0.05, seed=0)
+    trainer = PPOTrainer(cfg, policy, ref, None, torch.optim.AdamW(policy.parameters(), lr=3e-3))
+    eos, gen = torch.Generator().manual_seed(0), 24
+    mean_lengths = []
+    for it in range(8):
+        queries = [[1] for _ in range(32)]
+        policy.eval()
+        responses = policy.generate_withcache(queries, gen, temperature=1.0, eos_id=2, generator=eos)
+        policy.train()
+        ended = [len(r) < gen for r in responses]
+        lengths = [len(r) for r in responses]
+        mean_lengths.append(sum(lengths) / len(lengths))
+        responses = [r + [2] if e else r for r, e in zip(responses, ended)]
+        trainer.step([torch.tensor(q) for q in queries], [torch.tensor(r) for r in responses],
+                     [torch.tensor(-n / 10) for n in lengths])
+    assert mean_lengths[-1] < 0.5 * mean_lengths[0], mean_lengths
+
+
+# --- train.py --ppo=True, single process and torchrun ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Generated TinyStories-like data, a tokenizer and a briefly pre-trained tiny model in out/ckpt.pt."""
+    from test_pipeline import synthetic_archive
+    root = tmp_path_factory.mktemp("ppo")
+    env = {"DATA_CACHE_DIR": str(root / "data")}
+    synthetic_archive(root / "a.tar.gz", n_shards=3, stories_per_shard=200)
+    run([script("tinystories.py"), "download", f"--data_url={root / 'a.tar.gz'}"], env=env)
+    run([script("tinystories.py"), "train_vocab", "--vocab_size=300"], env=env)
+    run([script("tinystories.py"), "pretokenize", "--vocab_size=300"], env=env)
+    model = ["--vocab_source=custom", "--vocab_size=300", "--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2",
+             "--multiple_of=4", "--max_seq_len=128", "--device=cpu", "--compile=False"]
+    out = root / "out"
+    run([script("train.py"), f"--out_dir={out}", *model, "--batch_size=16", "--gradient_accumulation_steps=1",
+         "--max_iters=30", "--eval_interval=30", "--eval_iters=2", "--learning_rate=3e-3", "--warmup_iters=3"], env=env)
+    return root, env, model
+
+
+PPO_FLAGS = ["--ppo=True", "--init_from=resume", "--batch_size=8", "--rollouts=16", "--start_len=8",
+             "--max_gen_len=40", "--target_len=30", "--learning_rate=1e-3", "--decay_lr=False", "--eval_iters=1",
+             "--ppo_epochs=2", "--gradient_accumulation_steps=1"]
+
+
+def test_train_py_ppo_runs_saves_and_resumes(tiny_run, tmp_path):
+    import json
+    root, env, model = tiny_run
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    run([script("train.py"), f"--out_dir={out}", *model, *PPO_FLAGS, "--max_iters=33", "--eval_interval=2"], env=env)
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    ppo_rows = [r for r in rows if "reward_mean" in r]
+    assert [r["iter"] for r in ppo_rows] == [30, 31, 32, 33]
+    assert all(k in ppo_rows[0] for k in ("iter", "reward_mean", "length_mean", "kl_ref", "kl_coef", "entropy", "time_s"))
+    assert (out / "ppo_ckpt.pt").exists()
+    ck = torch.load(out / "ppo_ckpt.pt", weights_only=True)
+    assert "value_head.weight" in ck["model"] and ck["ppo_state"]["kl_coef"] > 0
+    # resume continues the PPO run (its iteration, policy and KL coefficient), not the pre-training one
+    proc = run([script("train.py"), f"--out_dir={out}", *model, *PPO_FLAGS, f"--max_iters={ck['iter_num'] + 1}",
+                "--eval_interval=100"], env=env)
+    assert f"Resuming training from {out / 'ppo_ckpt.pt'}" in proc.stdout
+    assert f"{ck['iter_num']} | reward" in proc.stdout
+
+
+def test_train_py_ppo_refuses_a_tokenizer_of_another_vocabulary(tiny_run, tmp_path):
+    root, env, model = tiny_run
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    other = tmp_path / "other"
+    run([script("tinystories.py"), "train_vocab", "--vocab_size=320"], env={"DATA_CACHE_DIR": str(root / "data")})
+    proc = run([script("train.py"), f"--out_dir={out}", *model, *PPO_FLAGS, "--max_iters=31",
+                f"--tokenizer={root / 'data' / 'tok320.model'}"], env=env, check=False)
+    assert proc.returncode == 1 and "has 320 tokens but the model has vocab_size=300" in proc.stderr
+
+
+def test_torchrun_ppo_two_processes_keep_identical_weights(tiny_run, tmp_path):
+    root, env, model = tiny_run
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    # train.py under torchrun; at the end it compares every rank's weights and fails if they differ
+    proc = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script("train.py"),
+                f"--out_dir={out}", *model, *PPO_FLAGS, "--max_iters=31", "--eval_interval=1",
+                "--gradient_accumulation_steps=2", "--always_save_checkpoint=True"], env=env, timeout=600)
+    assert "31 | reward" in proc.stdout
+    assert "all 2 ranks hold identical weights" in proc.stdout
+    init = torch.load(out / "ckpt.pt", weights_only=True)["model"]
+    after = torch.load(out / "ppo_ckpt.pt", weights_only=True)["model"]
+    assert not torch.equal(after["layers.0.attention.wq.weight"], init["layers.0.attention.wq.weight"])
