@@ -17,13 +17,13 @@ from contextlib import nullcontext
 import torch
 
 import configurator
-from model import Transformer, load_model_state, model_args_from_checkpoint
+from export import FormatError, load_model
 from tinystories import get_tokenizer_model_path
 from tokenizer import Tokenizer
-from utils import load_checkpoint, pick_device, pick_dtype
+from utils import pick_device, pick_dtype
 
 # -----------------------------------------------------------------------------
-checkpoint = "out/ckpt.pt"
+checkpoint = "out/ckpt.pt"  # a .pt, a llama2.c .bin (versions 0-2) or a Hugging Face folder
 tokenizer = ""  # default: tok{vocab}.model next to the checkpoint, then data/tok{vocab}.model (or Llama 2's)
 start = ""  # prompt text (BOS is always prepended), or FILE:path (with --batch: one prompt per line)
 num_samples = 1  # samples per prompt
@@ -45,18 +45,17 @@ def fail(msg):
     raise SystemExit(1)
 
 
-def find_tokenizer(ckpt_path, ckpt):
+def find_tokenizer(ckpt_path, config, vocab_size):
     if tokenizer:
         return tokenizer
-    config = ckpt.get("config", {})
-    vocab_size = ckpt["model_args"]["vocab_size"]
     if config.get("tokenizer"):
         candidates = [config["tokenizer"]]
-    elif config.get("vocab_source", "custom") == "llama2":
+    elif config.get("vocab_source", "custom") == "llama2" or vocab_size == 32000:
         candidates = ["tokenizer.model"]
     else:
         candidates = []
-    candidates += [os.path.join(os.path.dirname(ckpt_path), f"tok{vocab_size}.model"),
+    folder = ckpt_path if os.path.isdir(ckpt_path) else os.path.dirname(ckpt_path)
+    candidates += [os.path.join(folder, f"tok{vocab_size}.model"), os.path.join(folder, "tokenizer.model"),
                    get_tokenizer_model_path(vocab_size)]
     for path in candidates:
         if os.path.isfile(path):
@@ -72,15 +71,13 @@ def main():
         dev = pick_device(device)
         ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[pick_dtype(dtype, dev)]
-        ckpt = load_checkpoint(checkpoint, map_location="cpu")
-        model = Transformer(model_args_from_checkpoint(ckpt))
-        load_model_state(model, ckpt["model"])
-    except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
-        fail(f"{checkpoint}: {e}" if not str(e).startswith(("checkpoint", "refusing", "cannot")) else e)
+        model, config = load_model(checkpoint)
+    except (FormatError, ValueError, FileNotFoundError, KeyError, TypeError) as e:
+        fail(e)
     model.eval().to(dev)
     if ptdtype != torch.float32 and dev != "cpu":
         model.to(ptdtype)  # inference only: keep weights and cache in the low-precision dtype
-    tok_path = find_tokenizer(checkpoint, ckpt)
+    tok_path = find_tokenizer(checkpoint, config, model.params.vocab_size)
     try:
         enc = Tokenizer(tok_path)
     except (FileNotFoundError, ValueError) as e:

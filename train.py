@@ -39,7 +39,8 @@ log_interval = 1
 eval_iters = 100
 eval_only = False  # if True, exit right after the first evaluation
 always_save_checkpoint = False  # if True, save at every evaluation, not only on improvement
-init_from = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt; with --ppo, out_dir/ppo_ckpt.pt if any)
+init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt; with --ppo, out_dir/ppo_ckpt.pt if any), or the
+# path of weights to start from: a .pt, a llama2.c .bin or a Hugging Face folder (iteration 0, fresh optimizer)
 # data
 batch_size = 128  # micro-batch size; with --ppo, mini-batch size (the reference: 8x rollouts per iteration)
 max_seq_len = 256
@@ -102,8 +103,8 @@ if vocab_source not in ("llama2", "custom"):
     fail(f"--vocab_source must be llama2 or custom, got {vocab_source!r}")
 if vocab_source == "llama2" and vocab_size != 32000:
     fail(f"the Llama 2 vocabulary has 32000 tokens, got --vocab_size={vocab_size} (use --vocab_source=custom)")
-if init_from not in ("scratch", "resume"):
-    fail(f"--init_from must be scratch or resume, got {init_from!r}")
+if init_from not in ("scratch", "resume") and not os.path.exists(init_from):
+    fail(f"--init_from must be scratch, resume or an existing checkpoint path, got {init_from!r}")
 for _k in ("batch_size", "max_seq_len", "gradient_accumulation_steps", "eval_iters", "eval_interval",
            "log_interval", "max_gen_len", "ppo_epochs"):
     if globals()[_k] < 1:
@@ -176,11 +177,23 @@ if init_from == "resume":
     except (ValueError, KeyError, TypeError) as e:
         fail(f"{resume_path}: {e}")
     vocab_source = checkpoint.get("config", {}).get("vocab_source", vocab_source)
+pretrained = None
+if init_from not in ("scratch", "resume"):
+    from export import FormatError, load_model
+    try:
+        pretrained, _ = load_model(init_from)
+    except (FormatError, ValueError, FileNotFoundError) as e:
+        fail(e)
+    print(f"Initializing from the weights of {init_from}")
+    model_args = {**asdict(pretrained.params), "dropout": dropout}
 try:
     gptconf = ModelArgs(**model_args)
 except ValueError as e:
     fail(f"invalid model shape: {e}")
 model = (TransformerWithValueHead if ppo else Transformer)(gptconf)
+if pretrained is not None:
+    load_model_state(model, pretrained.state_dict())
+    pretrained = None
 resumed_ppo = False
 if checkpoint is not None:
     try:

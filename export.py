@@ -1,0 +1,332 @@
+"""
+Move models between this repository, llama2.c and Hugging Face, in both directions.
+
+    python export.py model.bin --version 0 --checkpoint out/ckpt.pt    # llama2.c legacy fp32 (run.c)
+    python export.py model.bin --version 1 --checkpoint out/ckpt.pt    # fp32 with a versioned header
+    python export.py model_q80.bin --version 2 --checkpoint out/ckpt.pt  # Q8_0 int8 (runq.c)
+    python export.py hf_model --version -1 --checkpoint out/ckpt.pt    # a Hugging Face LlamaForCausalLM folder
+    python tokenizer.py --tokenizer-model=data/tok512.model            # the tokenizer for run.c
+
+Every script loads all of these formats through load_model(): a .pt checkpoint, a llama2.c .bin
+(versions 0, 1, 2) or a Hugging Face folder (config.json + safetensors), detected from the file itself.
+Meta/llama2.c rotate interleaved pairs in RoPE while Hugging Face rotates halves; the q/k weights are
+permuted on the way out and back, so logits agree to float precision.
+"""
+import argparse
+import json
+import os
+import struct
+import sys
+
+import numpy as np
+import torch
+
+from model import ModelArgs, Transformer, load_model_state, model_args_from_checkpoint
+from utils import atomic_write, load_checkpoint
+
+MAGIC = 0x616B3432  # "ak42" in ASCII: llama2.c's versioned .bin header
+
+
+class FormatError(ValueError):
+    pass
+
+
+# -----------------------------------------------------------------------------
+# llama2.c .bin
+
+def _tensors_in_order(model: Transformer, version: int):
+    """The weights of a llama2.c .bin in file order (without the header)."""
+    L = model.layers
+    norms = [*(l.attention_norm.weight for l in L), *(l.ffn_norm.weight for l in L), model.norm.weight]
+    mats = [model.tok_embeddings.weight,
+            *(l.attention.wq.weight for l in L), *(l.attention.wk.weight for l in L),
+            *(l.attention.wv.weight for l in L), *(l.attention.wo.weight for l in L),
+            *(l.feed_forward.w1.weight for l in L), *(l.feed_forward.w2.weight for l in L),
+            *(l.feed_forward.w3.weight for l in L)]
+    if version == 0:  # legacy: embeddings, then interleaved norms and matrices, then the RoPE tables
+        return [model.tok_embeddings.weight, *(l.attention_norm.weight for l in L),
+                *(l.attention.wq.weight for l in L), *(l.attention.wk.weight for l in L),
+                *(l.attention.wv.weight for l in L), *(l.attention.wo.weight for l in L),
+                *(l.ffn_norm.weight for l in L), *(l.feed_forward.w1.weight for l in L),
+                *(l.feed_forward.w2.weight for l in L), *(l.feed_forward.w3.weight for l in L),
+                model.norm.weight, model.freqs_cos[: model.params.max_seq_len],
+                model.freqs_sin[: model.params.max_seq_len]]
+    return norms, mats
+
+
+def _shared_classifier(model):
+    return torch.equal(model.tok_embeddings.weight, model.output.weight)
+
+
+def _header(p: ModelArgs, shared: bool, signed_vocab: bool):
+    vocab = p.vocab_size if shared or not signed_vocab else -p.vocab_size
+    return struct.pack("iiiiiii", p.dim, p.hidden_dim, p.n_layers, p.n_heads, p.n_kv_heads, vocab, p.max_seq_len)
+
+
+def quantize_q80(w: torch.Tensor, group_size: int):
+    """Symmetric int8 per group of group_size values: w ~ int8 * scale. Returns (int8, scales, max error)."""
+    w = w.float().reshape(-1, group_size)
+    scale = w.abs().max(dim=1).values / 127.0
+    q = torch.round(w / scale.clamp(min=1e-30)[:, None]).to(torch.int8)
+    err = (q.float() * scale[:, None] - w).abs().max().item()
+    return q, scale, err
+
+
+def export_bin(model: Transformer, path: str, version: int, group_size: int = 64):
+    p = model.params
+    shared = _shared_classifier(model)
+    with atomic_write(path) as f:
+        if version == 0:
+            f.write(_header(p, shared, signed_vocab=True))
+            for t in _tensors_in_order(model, 0):
+                f.write(t.detach().cpu().float().numpy().astype("<f4").tobytes())
+            if not shared:
+                f.write(model.output.weight.detach().cpu().float().numpy().astype("<f4").tobytes())
+            return None
+        header = struct.pack("Ii", MAGIC, version) + _header(p, shared, signed_vocab=False) + struct.pack("B", shared)
+        if version == 2:
+            while p.dim % group_size:
+                group_size //= 2  # llama2.c: the group must divide dim
+            header += struct.pack("i", group_size)
+        f.write(header + b"\0" * (256 - len(header)))
+        norms, mats = _tensors_in_order(model, version)
+        if not shared:
+            mats.append(model.output.weight)
+        for t in norms:
+            f.write(t.detach().cpu().float().numpy().astype("<f4").tobytes())
+        if version == 1:
+            for t in mats:
+                f.write(t.detach().cpu().float().numpy().astype("<f4").tobytes())
+            return None
+        max_err = 0.0
+        for t in mats:
+            q, scale, err = quantize_q80(t.detach().cpu(), group_size)
+            f.write(q.numpy().tobytes())
+            f.write(scale.numpy().astype("<f4").tobytes())
+            max_err = max(max_err, err)
+        print(f"Q8_0 (group size {group_size}): max quantization error {max_err:.6f}")
+        return max_err
+
+
+def load_bin(path: str) -> Transformer:
+    """A llama2.c .bin of version 0, 1 or 2 as a Transformer (Q8_0 weights are dequantized)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(256)
+    if len(head) < 28:
+        raise FormatError(f"{path}: {size} bytes is too short for a llama2.c model header")
+    magic, version = struct.unpack("Ii", head[:8])
+    if magic == MAGIC:
+        if version not in (1, 2):
+            raise FormatError(f"{path}: llama2.c format version {version} is not supported (0, 1 or 2)")
+        dim, hidden, n_layers, n_heads, n_kv, vocab, seq = struct.unpack("iiiiiii", head[8:36])
+        shared = bool(head[36])
+        group_size = struct.unpack("i", head[37:41])[0] if version == 2 else None
+        offset = 256
+    else:
+        version, offset = 0, 28
+        dim, hidden, n_layers, n_heads, n_kv, vocab, seq = struct.unpack("iiiiiii", head[:28])
+        shared = vocab > 0
+        vocab = abs(vocab)
+    try:
+        args = ModelArgs(dim=dim, hidden_dim=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
+                         vocab_size=vocab, max_seq_len=seq)
+    except (ValueError, ZeroDivisionError) as e:
+        raise FormatError(f"{path}: not a llama2.c model (header says {e})") from None
+    if not (0 < dim <= 1 << 16 and 0 < hidden <= 1 << 18 and 0 < n_layers <= 1024 and 0 < vocab <= 1 << 20
+            and 0 < seq <= 1 << 20):
+        raise FormatError(f"{path}: implausible llama2.c header (dim={dim}, layers={n_layers}, vocab={vocab})")
+    model = Transformer(args)
+    if version == 2 and (group_size is None or group_size <= 0 or dim % group_size):
+        raise FormatError(f"{path}: Q8_0 group size {group_size} does not divide dim={dim}")
+    if not shared:  # its own classifier: untie it from the embedding
+        model.output.weight = torch.nn.Parameter(torch.empty(vocab, dim))
+    # the read plan: (tensor or None to skip, encoding) in file order
+    if version == 0:
+        rope = [(None, 4 * seq * args.head_dim // 2)] * 2  # stored RoPE tables: recomputed, skipped
+        plan = [(t, "f32") for t in _tensors_in_order(model, 0)[:-2]] + rope
+        if not shared:
+            plan.append((model.output.weight, "f32"))
+    else:
+        norms, mats = _tensors_in_order(model, version)
+        if not shared:
+            mats.append(model.output.weight)
+        plan = [(t, "f32") for t in norms] + [(t, "f32" if version == 1 else "q80") for t in mats]
+
+    def nbytes(t, enc):
+        if t is None:
+            return enc
+        return 4 * t.numel() if enc == "f32" else t.numel() + 4 * (t.numel() // group_size)
+
+    expected = offset + sum(nbytes(t, enc) for t, enc in plan)
+    if size != expected:
+        raise FormatError(f"{path}: {size} bytes, but its header (version {version}, dim={dim}, layers={n_layers}, "
+                          f"vocab={vocab}, seq_len={seq}) needs {expected}: a truncated or inconsistent file")
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    pos = offset
+    with torch.no_grad():
+        for t, enc in plan:
+            if t is not None:
+                n = t.numel()
+                if enc == "f32":
+                    w = torch.from_numpy(np.frombuffer(data, dtype="<f4", count=n, offset=pos).copy())
+                else:  # Q8_0: int8 values, then one float32 scale per group
+                    q = torch.from_numpy(np.frombuffer(data, dtype=np.int8, count=n, offset=pos).copy()).float()
+                    s = torch.from_numpy(np.frombuffer(data, dtype="<f4", count=n // group_size, offset=pos + n).copy())
+                    w = q.view(-1, group_size) * s[:, None]
+                t.copy_(w.view(t.shape))
+            pos += nbytes(t, enc)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face
+
+def permute_to_hf(w, n_heads):
+    """Interleaved RoPE pairs (Meta) -> rotate-half layout (Hugging Face), per head, on rows of wq/wk."""
+    dim1, dim2 = w.shape
+    return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+
+
+def permute_from_hf(w, n_heads):
+    dim1, dim2 = w.shape
+    return w.view(n_heads, 2, dim1 // n_heads // 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+
+
+def hf_config(p: ModelArgs, tied: bool, dtype="float32"):
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": p.dim,
+            "intermediate_size": p.hidden_dim, "num_hidden_layers": p.n_layers, "num_attention_heads": p.n_heads,
+            "num_key_value_heads": p.n_kv_heads, "head_dim": p.head_dim, "vocab_size": p.vocab_size,
+            "max_position_embeddings": p.max_seq_len, "rms_norm_eps": p.norm_eps, "rope_theta": p.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": p.rope_theta},
+            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": tied,
+            "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": dtype, "dtype": dtype}
+
+
+def to_hf_state_dict(model: Transformer):
+    p = model.params
+    sd = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight}
+    for i, l in enumerate(model.layers):
+        pre = f"model.layers.{i}."
+        sd[pre + "self_attn.q_proj.weight"] = permute_to_hf(l.attention.wq.weight, p.n_heads)
+        sd[pre + "self_attn.k_proj.weight"] = permute_to_hf(l.attention.wk.weight, p.n_kv_heads)
+        sd[pre + "self_attn.v_proj.weight"] = l.attention.wv.weight
+        sd[pre + "self_attn.o_proj.weight"] = l.attention.wo.weight
+        sd[pre + "mlp.gate_proj.weight"] = l.feed_forward.w1.weight
+        sd[pre + "mlp.down_proj.weight"] = l.feed_forward.w2.weight
+        sd[pre + "mlp.up_proj.weight"] = l.feed_forward.w3.weight
+        sd[pre + "input_layernorm.weight"] = l.attention_norm.weight
+        sd[pre + "post_attention_layernorm.weight"] = l.ffn_norm.weight
+    if not _shared_classifier(model):
+        sd["lm_head.weight"] = model.output.weight
+    return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+
+
+def export_hf(model: Transformer, folder: str, dtype=torch.float32):
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise SystemExit("error: the Hugging Face export needs safetensors: pip install safetensors") from None
+    os.makedirs(folder, exist_ok=True)
+    sd = {k: v.to(dtype) for k, v in to_hf_state_dict(model).items()}
+    cfg = hf_config(model.params, tied="lm_head.weight" not in sd, dtype=str(dtype).replace("torch.", ""))
+    tmp = os.path.join(folder, "model.safetensors.tmp")
+    save_file(sd, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(folder, "model.safetensors"))
+    with atomic_write(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+def load_hf(folder: str) -> Transformer:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise FormatError("loading a Hugging Face folder needs safetensors: pip install safetensors") from None
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = json.load(f)
+    if cfg.get("model_type") != "llama":
+        raise FormatError(f"{folder}: model_type {cfg.get('model_type')!r} is not llama")
+    files = sorted(x for x in os.listdir(folder) if x.endswith(".safetensors"))
+    if not files:
+        raise FormatError(f"{folder}: no .safetensors weights (only safetensors are loaded: they cannot run code)")
+    hf = {}
+    for name in files:
+        hf.update(load_file(os.path.join(folder, name)))
+    n_heads = cfg["num_attention_heads"]
+    n_kv = cfg.get("num_key_value_heads", n_heads)
+    rope = cfg.get("rope_parameters") or {}
+    args = ModelArgs(dim=cfg["hidden_size"], hidden_dim=cfg["intermediate_size"], n_layers=cfg["num_hidden_layers"],
+                     n_heads=n_heads, n_kv_heads=n_kv, vocab_size=cfg["vocab_size"],
+                     max_seq_len=cfg.get("max_position_embeddings", 2048), norm_eps=cfg.get("rms_norm_eps", 1e-5),
+                     rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    sd = {"tok_embeddings.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
+    for i in range(args.n_layers):
+        pre = f"model.layers.{i}."
+        sd[f"layers.{i}.attention.wq.weight"] = permute_from_hf(hf[pre + "self_attn.q_proj.weight"], n_heads)
+        sd[f"layers.{i}.attention.wk.weight"] = permute_from_hf(hf[pre + "self_attn.k_proj.weight"], n_kv)
+        sd[f"layers.{i}.attention.wv.weight"] = hf[pre + "self_attn.v_proj.weight"]
+        sd[f"layers.{i}.attention.wo.weight"] = hf[pre + "self_attn.o_proj.weight"]
+        sd[f"layers.{i}.feed_forward.w1.weight"] = hf[pre + "mlp.gate_proj.weight"]
+        sd[f"layers.{i}.feed_forward.w2.weight"] = hf[pre + "mlp.down_proj.weight"]
+        sd[f"layers.{i}.feed_forward.w3.weight"] = hf[pre + "mlp.up_proj.weight"]
+        sd[f"layers.{i}.attention_norm.weight"] = hf[pre + "input_layernorm.weight"]
+        sd[f"layers.{i}.ffn_norm.weight"] = hf[pre + "post_attention_layernorm.weight"]
+    model = Transformer(args)
+    tied = cfg.get("tie_word_embeddings", True) and "lm_head.weight" not in hf
+    if not tied:
+        model.output.weight = torch.nn.Parameter(hf["lm_head.weight"].float().clone())
+        sd["output.weight"] = hf["lm_head.weight"]
+    load_model_state(model, {k: v.float() for k, v in sd.items()})
+    return model
+
+
+# -----------------------------------------------------------------------------
+
+def load_model(path: str):
+    """Any supported checkpoint -> (Transformer in eval mode, the checkpoint's config dict or {})."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FormatError(f"{path} is a folder without config.json: not a Hugging Face model")
+        return load_hf(path).eval(), {}
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    with open(path, "rb") as f:
+        first = f.read(4)
+    if first[:2] == b"PK":  # torch.save's zip container
+        ckpt = load_checkpoint(path)
+        if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+            raise FormatError(f"{path}: a PyTorch file, but not a checkpoint of this repository (model, model_args)")
+        model = Transformer(model_args_from_checkpoint(ckpt))
+        load_model_state(model, ckpt["model"])
+        return model.eval(), ckpt.get("config", {})
+    if path.endswith(".bin") or (len(first) == 4 and struct.unpack("I", first)[0] == MAGIC):
+        return load_bin(path).eval(), {}
+    raise FormatError(f"{path}: unknown format (expected a .pt checkpoint, a llama2.c .bin or a Hugging Face folder)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("filepath", type=str, help="the output file (or folder, for --version -1)")
+    parser.add_argument("--version", default=0, type=int, help="0, 1, 2 (llama2.c) or -1 (Hugging Face)")
+    parser.add_argument("--dtype", type=str, default="fp32", choices=["fp32", "fp16", "bf16"],
+                        help="weights dtype of the Hugging Face export")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--checkpoint", type=str, help="a .pt, a llama2.c .bin or a Hugging Face folder")
+    group.add_argument("--hf", type=str, help="a Hugging Face folder (same as --checkpoint)")
+    args = parser.parse_args()
+    if args.version not in (-1, 0, 1, 2):
+        parser.error(f"--version must be 0, 1, 2 or -1 (Hugging Face), got {args.version}")
+    try:
+        model, _ = load_model(args.checkpoint or args.hf)
+    except (FormatError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1)
+    if args.version == -1:
+        export_hf(model, args.filepath, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype])
+    else:
+        export_bin(model, args.filepath, args.version)
+    print(f"wrote {args.filepath}")
+
+
+if __name__ == "__main__":
+    main()
