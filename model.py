@@ -8,6 +8,7 @@ feed_forward.w1/w2/w3, attention_norm, ffn_norm, norm, output), so checkpoints m
 Read it top to bottom: ModelArgs -> RMSNorm -> RoPE -> KVCache -> Attention -> FeedForward ->
 TransformerBlock -> Transformer (training forward, optimizer, generation) -> TransformerWithValueHead.
 """
+import copy
 import inspect
 import math
 from dataclasses import dataclass
@@ -276,10 +277,12 @@ class Transformer(nn.Module):
         return idx
 
     def setup_caches(self, max_batch_size, max_seq_len, dtype=None, device=None):
-        """Allocate (or reuse) a KV cache for batches up to max_batch_size and max_seq_len positions."""
+        """Allocate a KV cache for max_batch_size rows and max_seq_len positions, or keep the current one when
+        it has that many rows and at least that many positions: the cache only grows, so a compiled decode
+        step sees few distinct shapes and recompiles rarely."""
         if max_seq_len > self.params.max_seq_len:
             raise ValueError(f"cache of {max_seq_len} positions exceeds max_seq_len={self.params.max_seq_len}")
-        if self.cache_shape == (max_batch_size, max_seq_len):
+        if self.cache_shape is not None and self.cache_shape[0] == max_batch_size and self.cache_shape[1] >= max_seq_len:
             return
         dtype = dtype or self.tok_embeddings.weight.dtype
         device = device or self.tok_embeddings.weight.device
@@ -292,6 +295,21 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = None
         self.cache_shape = None
+
+    def __deepcopy__(self, memo):
+        """A copy without the KV cache (e.g. a frozen PPO reference): caches belong to one generator."""
+        caches, shape = [layer.attention.kv_cache for layer in self.layers], self.cache_shape
+        self.clear_caches()
+        self.__deepcopy__ = None  # take the default deepcopy path for this one call
+        try:
+            twin = copy.deepcopy(self, memo)
+        finally:
+            del self.__deepcopy__
+            for layer, cache in zip(self.layers, caches):
+                layer.attention.kv_cache = cache
+            self.cache_shape = shape
+        del twin.__deepcopy__
+        return twin
 
     def prefill(self, tokens, last_pos):
         """Run right-padded prompts (B, T) through the model at positions 0..T-1, filling the cache.
@@ -381,6 +399,14 @@ class Transformer(nn.Module):
                     row = row[: row.index(stop)]
             result.append(list(p) + row if echo else row)
         return result
+
+
+def compile_decode(model: Transformer):
+    """torch.compile the one-token decode step for generate_withcache(decode_fn=...). Static shapes: it
+    compiles once per (batch, cache bucket) and replays for every step and call. cpp_wrapper moves the
+    per-call launch code from Python to C++, which matters when each step is only microseconds of math."""
+    options = {"cpp_wrapper": True} if model.tok_embeddings.weight.device.type == "cpu" else None
+    return torch.compile(model.decode_step, fullgraph=True, dynamic=False, options=options)
 
 
 class TransformerWithValueHead(Transformer):

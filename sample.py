@@ -18,6 +18,7 @@ import torch
 
 import configurator
 from export import FormatError, load_model
+from model import compile_decode
 from tinystories import get_tokenizer_model_path
 from tokenizer import Tokenizer
 from utils import pick_device, pick_dtype
@@ -99,7 +100,7 @@ def main():
     torch.manual_seed(seed)
     generator = torch.Generator(device=dev).manual_seed(seed) if dev != "mps" else None
     stop = [t for t in (enc.bos_id, enc.eos_id) if t >= 0]  # a TinyStories story ends where the next begins
-    decode_fn = torch.compile(model.decode_step, fullgraph=True) if compile else None
+    decode_fn = compile_decode(model) if compile else None
     groups = [prompt_tokens] if batch else [[p] for p in prompt_tokens]
     outputs, t0 = [], time.time()
     try:

@@ -14,6 +14,7 @@ through Task.iter_batches: random windows of max_seq_len+1 tokens from memory-ma
 import argparse
 import glob
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -105,7 +106,7 @@ def safe_extract(archive: str, dest: str):
     try:
         tar = tarfile.open(archive)
     except (tarfile.TarError, OSError) as e:
-        raise DataError(f"{archive} is not a tar archive ({e}); check --data_url") from None
+        raise DataError(f"{archive} is not a tar archive ({str(e).splitlines()[0].rstrip(':')}); check --data_url") from None
     with tar:
         members = tar.getmembers()
         for m in members:
@@ -125,7 +126,7 @@ def safe_extract(archive: str, dest: str):
     os.replace(tmp, dest)
 
 
-def download(data_url=DATA_URL, sha256=None):
+def download(data_url=DATA_URL, sha256=None, retries=5):
     """Download and unpack the TinyStories archive into DATA_CACHE_DIR/TinyStories_all_data."""
     os.makedirs(DATA_CACHE_DIR, exist_ok=True)
     data_dir = os.path.join(DATA_CACHE_DIR, "TinyStories_all_data")
@@ -135,9 +136,13 @@ def download(data_url=DATA_URL, sha256=None):
     archive = os.path.join(DATA_CACHE_DIR, "TinyStories_all_data.tar.gz")
     if not os.path.exists(archive):
         print(f"Downloading {data_url} to {archive}...")
-        download_file(data_url, archive, sha256=sha256)
+        download_file(data_url, archive, sha256=sha256, retries=retries)
     print(f"Unpacking {archive}...")
-    safe_extract(archive, data_dir)
+    try:
+        safe_extract(archive, data_dir)
+    except DataError:
+        os.remove(archive)  # a bad download: fetch it again next time rather than fail on it forever
+        raise
     shards = sorted(glob.glob(os.path.join(data_dir, "*.json")))
     if not shards:
         raise DataError(f"{archive} holds no .json shards: is it the TinyStories archive?")
@@ -250,20 +255,30 @@ def pretokenize(vocab_size: int, tokenizer_model=None, num_proc=None):
     num_proc = num_proc or os.cpu_count()
     disable_progress_bars()  # one bar over the shards below instead of one per map
     cache_dir = os.path.join(DATA_CACHE_DIR, "hf_cache")
-    total = 0
+    # resumable: shards present under the same tokenizer are complete (each is written atomically);
+    # under another tokenizer they are stale and redone
+    old = read_meta(vocab_size)
+    same_tokenizer = old is not None and old["tokenizer_sha256"] == model_sha
+    with atomic_write(os.path.join(out_dir, "meta.json"), "w") as f:  # which tokenizer makes these shards
+        json.dump({"tokenizer": os.path.abspath(model_path), "tokenizer_sha256": model_sha,
+                   "vocab_size": enc.n_words}, f, indent=2)
+    total = skipped = 0
     for shard in tqdm(shards, desc="pretokenize"):
+        out = os.path.join(out_dir, os.path.basename(shard).replace(".json", ".bin"))
+        if same_tokenizer and os.path.exists(out):
+            skipped += 1
+            total += os.path.getsize(out) // np.dtype(dtype).itemsize
+            continue
         ds = load_dataset("json", data_files=shard, split="train", cache_dir=cache_dir)
         ds = ds.map(_encode_batch, batched=True, batch_size=256, num_proc=min(num_proc, max(1, len(ds) // 256)),
                     remove_columns=ds.column_names, fn_kwargs={"model_path": model_path, "model_sha": model_sha})
         tokens = pc.list_flatten(ds.data.column("ids")).to_numpy().astype(dtype)
-        out = os.path.join(out_dir, os.path.basename(shard).replace(".json", ".bin"))
         with atomic_write(out) as f:
             f.write(tokens.tobytes())
         total += len(tokens)
         tqdm.write(f"{out}: {len(ds)} stories, {len(tokens):,} tokens ({len(tokens) / max(1, len(ds)):.0f} per story)")
-    with atomic_write(os.path.join(out_dir, "meta.json"), "w") as f:  # which tokenizer made these shards
-        json.dump({"tokenizer": os.path.abspath(model_path), "tokenizer_sha256": model_sha,
-                   "vocab_size": enc.n_words}, f, indent=2)
+    if skipped:
+        print(f"skipped {skipped} shards already tokenized with this tokenizer")
     print(f"Done: {total:,} tokens in {out_dir}")
 
 
@@ -271,12 +286,17 @@ def pretokenize(vocab_size: int, tokenizer_model=None, num_proc=None):
 # batches for training
 
 class PretokDataset(torch.utils.data.IterableDataset):
-    """Endless random windows of max_seq_len+1 tokens from the memory-mapped .bin shards."""
+    """Endless random windows of max_seq_len+1 tokens from the memory-mapped .bin shards.
 
-    def __init__(self, split, max_seq_len, vocab_size, vocab_source, seed=42):
+    The order is a pure function of (seed, worker): each pass shuffles the shards, then the windows of each
+    shard. `start` skips that many windows by replaying only the shuffles (no data is read), so a resumed
+    run continues exactly where the checkpoint left off. DDP ranks share this stream and split it by batches
+    (Task.iter_batches), so N processes see the same data as one process accumulating N times as much."""
+
+    def __init__(self, split, max_seq_len, vocab_size, vocab_source, seed=42, start=0):
         super().__init__()
         self.split, self.max_seq_len = split, max_seq_len
-        self.vocab_size, self.vocab_source, self.seed = vocab_size, vocab_source, seed
+        self.vocab_size, self.vocab_source, self.seed, self.start = vocab_size, vocab_source, seed, start
 
     def shard_filenames(self):
         folder = bin_dir(0 if self.vocab_source == "llama2" else self.vocab_size)
@@ -290,34 +310,58 @@ class PretokDataset(torch.utils.data.IterableDataset):
     def __iter__(self):
         worker_info = torch.utils.data.get_worker_info()
         worker_id = worker_info.id if worker_info else 0
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        rng = random.Random(self.seed + worker_id + 1337 * rank)  # a different stream per worker and rank
+        rng = random.Random(self.seed + worker_id)  # a different stream per DataLoader worker
         shards = self.shard_filenames()
         dtype = token_dtype(0 if self.vocab_source == "llama2" else self.vocab_size)
+        itemsize = np.dtype(dtype).itemsize
+        skip = self.start
         while True:
             rng.shuffle(shards)
             for shard in shards:
-                m = np.memmap(shard, dtype=dtype, mode="r")
-                num_windows = (len(m) - 1) // self.max_seq_len
+                num_windows = (os.path.getsize(shard) // itemsize - 1) // self.max_seq_len
                 if num_windows <= 0:
-                    raise DataError(f"{shard} holds {len(m)} tokens, fewer than max_seq_len+1={self.max_seq_len + 1}")
+                    raise DataError(f"{shard} holds fewer than max_seq_len+1={self.max_seq_len + 1} tokens")
                 ixs = list(range(num_windows))
                 rng.shuffle(ixs)
-                for ix in ixs:
+                if skip >= num_windows:  # resuming: this shard was consumed before the checkpoint
+                    skip -= num_windows
+                    continue
+                m = np.memmap(shard, dtype=dtype, mode="r")
+                for ix in ixs[skip:]:
                     start = ix * self.max_seq_len
                     chunk = torch.from_numpy(m[start: start + self.max_seq_len + 1].astype(np.int64))
                     yield chunk[:-1], chunk[1:]
+                skip = 0
 
 
 class Task:
     @staticmethod
-    def iter_batches(batch_size, device, num_workers=0, **dataset_kwargs):
-        """Yield (X, Y) LongTensors (batch_size, max_seq_len) on device; Y is X shifted by one."""
-        ds = PretokDataset(**dataset_kwargs)
-        ds.shard_filenames()  # a missing data folder is reported here, not inside a worker
-        dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, pin_memory=str(device).startswith("cuda"),
-                                         num_workers=num_workers)
-        for x, y in dl:
+    def iter_batches(batch_size, device, num_workers=0, start_batch=0, **dataset_kwargs):
+        """Yield (X, Y) LongTensors (batch_size, max_seq_len) on device; Y is X shifted by one.
+
+        start_batch skips the batches this process drew before (exact resume). With num_workers=0 (the
+        default) batches are read in this process, without a DataLoader (whose start draws from torch's global
+        RNG and would break bitwise-exact resumes), and under DDP rank r of W takes global batches r, r+W, ...
+        With num_workers > 0 a DataLoader reads ahead; each worker and rank then has its own random stream."""
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        pin = str(device).startswith("cuda")
+        if num_workers > 0:
+            ds = PretokDataset(start=start_batch * batch_size, **{**dataset_kwargs,
+                               "seed": dataset_kwargs.get("seed", 42) + 1337 * rank})
+            ds.shard_filenames()  # a missing data folder is reported here, not inside a worker
+            batches = torch.utils.data.DataLoader(ds, batch_size=batch_size, pin_memory=pin, num_workers=num_workers)
+        else:
+            ds = PretokDataset(start=start_batch * world * batch_size, **dataset_kwargs)
+            ds.shard_filenames()
+
+            def collate(it):
+                for g in itertools.count():
+                    samples = [next(it) for _ in range(batch_size)]
+                    if g % world == rank:
+                        x, y = torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
+                        yield (x.pin_memory(), y.pin_memory()) if pin else (x, y)
+            batches = collate(iter(ds))
+        for x, y in batches:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
@@ -328,6 +372,7 @@ if __name__ == "__main__":
     parser.add_argument("stage", type=str, choices=["download", "train_vocab", "pretokenize"])
     parser.add_argument("--data_url", type=str, default=DATA_URL, help="URL or local path of the archive")
     parser.add_argument("--sha256", type=str, default=None, help="expected sha256 of the archive")
+    parser.add_argument("--retries", type=int, default=5, help="download retries on connection errors")
     parser.add_argument("--vocab_size", type=int, default=0, help="custom vocab size; 0 = Llama 2's tokenizer")
     parser.add_argument("--tokenizer", type=str, default=None, help="pretokenize with this .model file")
     parser.add_argument("--num_shards", type=int, default=10, help="shards of text used by train_vocab")
@@ -337,7 +382,7 @@ if __name__ == "__main__":
         parser.error(f"--vocab_size must be >= 0, got {args.vocab_size}")
     try:
         if args.stage == "download":
-            download(args.data_url, args.sha256)
+            download(args.data_url, args.sha256, args.retries)
         elif args.stage == "train_vocab":
             if args.vocab_size == 0:
                 parser.error("train_vocab needs --vocab_size=N (e.g. 512)")

@@ -15,6 +15,8 @@ PPO (RLHF), from out_dir/ckpt.pt (e.g. stories260K.pt copied there):
 """
 import math
 import os
+import random
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -26,10 +28,10 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import configurator
-from model import ModelArgs, Transformer, TransformerWithValueHead, load_model_state, model_args_from_checkpoint
+from model import ModelArgs, Transformer, TransformerWithValueHead, compile_decode, load_model_state
 from tinystories import DataError, Task, file_sha256, get_tokenizer_model_path, read_meta
 from tokenizer import Tokenizer
-from utils import MetricsLog, load_checkpoint, pick_device, pick_dtype, save_checkpoint
+from utils import MetricsLog, load_checkpoint, pick_device, pick_dtype, plot_ppo_metrics, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -68,7 +70,7 @@ warmup_iters = 1000
 # system
 device = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps
 dtype = "auto"  # auto (bfloat16 on CUDA if supported, else float32), float32, bfloat16, float16
-compile = "auto"  # torch.compile the model: auto = on CUDA only, where it pays for its compile time
+compile = "auto"  # torch.compile the model: auto = on CUDA (on CPU only the PPO rollouts' decode step)
 seed = 1337
 # PPO (RLHF): reward = -|target_len - story length| / 100, see ppo.py
 ppo = False
@@ -228,9 +230,13 @@ if meta is not None and meta["vocab_size"] != vocab_size:
 
 iter_batches = partial(Task.iter_batches, batch_size=batch_size, max_seq_len=max_seq_len, vocab_size=vocab_size,
                        vocab_source=vocab_source, device=device, num_workers=0)
+# an exact resume continues the data stream and the random number generators where the checkpoint left them
+resume_state = checkpoint.get("resume") if checkpoint is not None and (not ppo or resumed_ppo) else None
+train_batches = resume_state["train_batches"] if resume_state else 0  # batches drawn from the stream so far
 try:
-    train_batch_iter = iter_batches(split="train", seed=seed)
+    train_batch_iter = iter_batches(split="train", seed=seed, start_batch=train_batches)
     X, Y = next(train_batch_iter)  # fetch the very first batch (and report missing data now)
+    train_batches += 1
 except DataError as e:
     fail(e)
 
@@ -276,7 +282,8 @@ if ppo:
         ppo_trainer.kl_ctl.value = ppo_state["kl_coef"]
         query_length.load_state_dict(ppo_state["query_length"])
     reward_fn = LengthReward(target_len)
-    decode_fn = torch.compile(raw_model.decode_step) if use_compile else None
+    # the rollouts' decode step pays for its compile within one iteration, on CPU too
+    decode_fn = compile_decode(raw_model) if use_compile or compile == "auto" else None
 
 
 @torch.no_grad()
@@ -309,15 +316,49 @@ def get_lr(it):
 
 
 def save(path, **extra):
+    """A checkpoint in llama2.c's layout, plus what an exact resume needs: the RNG states and the position in
+    the data stream (the batch X in hand has not been trained on yet)."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device_type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state_all()
     save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                      "model_args": asdict(gptconf), "iter_num": iter_num, "best_val_loss": best_val_loss,
-                     "config": config, **extra}, path)
+                     "config": config, "resume": {"train_batches": train_batches - 1, "rng": rng}, **extra}, path)
     print(f"saved checkpoint {path}")
+
+
+def ppo_extra():
+    return {"best_reward": best_reward, "ppo_state": {"kl_coef": ppo_trainer.kl_ctl.value,
+                                                      "query_length": query_length.state_dict()}}
+
+
+def restore_rng(state):
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and device_type == "cuda":
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# SIGINT / SIGTERM: finish the current step, save a resumable checkpoint, exit 0
+stop_signal = None
+
+
+def request_stop(signum, frame):
+    global stop_signal
+    if stop_signal is not None:  # a second Ctrl-C: stop now
+        raise KeyboardInterrupt
+    stop_signal = signal.Signals(signum).name
+    print(f"\n{stop_signal} received: finishing this step, then saving a checkpoint (again to quit now)", flush=True)
+
+
+signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
 
 
 def sample_queries(n):
     """n queries: BOS + the first LengthSampler() tokens of stories from the training batches."""
-    global X
+    global X, train_batches
     queries = []
     while len(queries) < n:
         for row in X.tolist():
@@ -325,6 +366,7 @@ def sample_queries(n):
                 begin = row.index(enc.bos_id)
                 queries.append(row[begin: begin + query_length() + 1])
         X, _ = next(train_batch_iter)
+        train_batches += 1
     return queries[:n]
 
 
@@ -335,6 +377,8 @@ start_iter = iter_num
 t0 = t_start = time.time()
 running_mfu = -1.0
 rewards_since_eval = []
+if resume_state:
+    restore_rng(resume_state["rng"])
 model.train()
 while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
@@ -356,8 +400,7 @@ while True:
             rewards_since_eval = []
             if reward > best_reward or always_save_checkpoint:
                 best_reward = max(best_reward, reward)
-                save(ppo_ckpt_path, best_reward=best_reward, ppo_state={
-                    "kl_coef": ppo_trainer.kl_ctl.value, "query_length": query_length.state_dict()})
+                save(ppo_ckpt_path, **ppo_extra())
     if eval_only or last_iter:
         break
 
@@ -369,10 +412,14 @@ while True:
             with ctx:
                 loss = model(X, Y)[-1] / gradient_accumulation_steps
             X, Y = next(train_batch_iter)  # prefetch while the device works
+            train_batches += 1
             scaler.scale(loss).backward()
-        if grad_clip != 0.0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip != 0.0 else float("inf"))
+        if not scaler.is_enabled() and not torch.isfinite(grad_norm):  # (fp16's scaler skips such steps itself)
+            fail(f"non-finite loss or gradient at iteration {iter_num} (loss {loss.item() * gradient_accumulation_steps}, "
+                 f"grad norm {grad_norm.item()}); nothing was saved after it: the last good checkpoint is {ckpt_path}. "
+                 f"Try a lower --learning_rate or --dtype=float32")
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -394,6 +441,9 @@ while True:
         stats = ppo_trainer.step([torch.tensor(q, device=device) for q in queries],
                                  [torch.tensor(r, device=device) for r in responses],
                                  [torch.tensor(s, device=device) for s in scores])
+        if not math.isfinite(stats["ppo/loss/total"]):
+            fail(f"non-finite PPO loss at iteration {iter_num}; nothing was saved after it: the last good checkpoint "
+                 f"is {ppo_ckpt_path if os.path.exists(ppo_ckpt_path) else ckpt_path}. Try a lower --learning_rate")
         reward_mean = sum(scores) / len(scores)
         rewards_since_eval.append(reward_mean)
 
@@ -424,6 +474,22 @@ while True:
                           rollout_tok_per_s=gen_tokens / t_roll, lr=lr,
                           **{k: v for k, v in stats.items() if isinstance(v, float)})
     iter_num += 1
+
+    if ddp:  # every rank stops at the same iteration
+        flag = torch.tensor([stop_signal is not None], dtype=torch.float32, device=device)
+        torch.distributed.all_reduce(flag)
+        stop_now = flag.item() > 0
+    else:
+        stop_now = stop_signal is not None
+    if stop_now:
+        if master_process:
+            save(ppo_ckpt_path if ppo else ckpt_path, **(ppo_extra() if ppo else {}))
+            print(f"stopped by {stop_signal or 'another rank'} after iteration {iter_num - 1}; continue with the same "
+                  f"command and --init_from=resume")
+        break
+
+if ppo and master_process and plot_ppo_metrics(metrics.path, os.path.join(out_dir, "ppo_curve.png"), target_len):
+    print(f"plotted the PPO curves to {os.path.join(out_dir, 'ppo_curve.png')}")
 
 if ddp:
     # DDP keeps replicas identical by construction; check it, since a silent divergence wastes a run

@@ -92,3 +92,33 @@ class MetricsLog:
     def write(self, **row):
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def plot_ppo_metrics(metrics_path, png_path, target_len=None):
+    """Length, reward and KL per PPO iteration as a PNG. matplotlib is optional: returns False without it.
+    Also usable on its own: python -c "import utils; utils.plot_ppo_metrics('out/metrics.jsonl', 'ppo.png')"."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    with open(metrics_path) as f:
+        rows = [r for r in map(json.loads, f) if "reward_mean" in r]
+    if not rows:
+        return False
+    it = [r["iter"] - rows[0]["iter"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key, label in zip(axes, ("length_mean", "reward_mean", "kl_ref"),
+                              ("mean story length (tokens)", "mean reward", "KL to the reference (nats/story)")):
+        ax.plot(it, [r[key] for r in rows], marker=".")
+        ax.set_xlabel("PPO iteration")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    if target_len is not None:
+        axes[0].axhline(target_len, color="gray", linestyle="--", label=f"target {target_len}")
+        axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return True

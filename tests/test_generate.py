@@ -1,0 +1,157 @@
+"""The KV-cache generator: exact against the plain loop, ragged batches, sampling that does what its
+flags say, and a compiled decode step that compiles once."""
+import copy
+
+import pytest
+import torch
+
+from conftest import run, script, shared_path
+from model import ModelArgs, Transformer, sample_top_k_top_p
+
+
+def test_ragged_batch_equals_each_prompt_alone(stories260k, greedy_text):
+    model, enc = stories260k
+    story = enc.encode(greedy_text, bos=True, eos=False)
+    prompts = [story[:n] for n in (1, 6, 11, 17, 23, 29, 34, 40)]
+    batched = model.generate_withcache(prompts, 60, temperature=0.0)
+    alone = [model.generate_withcache([p], 60, temperature=0.0)[0] for p in prompts]
+    assert batched == alone
+    assert all(len(row) == 60 for row in batched)  # every row gets max_gen_len, short prompts no more
+    assert batched[0] == story[1:61]  # and it is the golden story
+    # a stop token that row 0 emits early: row 0 stops there, the other rows are untouched
+    stop = batched[0][4]
+    stopped = model.generate_withcache(prompts, 60, temperature=0.0, eos_id=stop)
+    for row, full in zip(stopped, alone):
+        assert row == (full[: full.index(stop)] if stop in full else full)
+    assert len(stopped[0]) == 4
+    with_prompt = model.generate_withcache(prompts[:2], 5, temperature=0.0, echo=True)
+    assert with_prompt[1] == prompts[1] + alone[1][:5]
+
+
+def test_rows_stop_when_the_context_is_full():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=50, multiple_of=4, max_seq_len=24)).eval()
+    out = model.generate_withcache([[1] * 20, [1, 2]], 10, temperature=0.0)
+    assert [len(o) for o in out] == [4, 10]  # 20 + 4 = the whole context of 24
+    alone = model.generate_withcache([[1] * 20], 10, temperature=0.0)[0]
+    assert out[0] == alone
+    full_seq = torch.tensor([[1] * 20 + out[0][:3]])
+    assert model(full_seq)[0][0, -1].argmax().item() == out[0][3]  # the last token saw the whole context
+    with pytest.raises(ValueError, match="leaves no room in the context of max_seq_len=24"):
+        model.generate_withcache([[1] * 24], 5)
+    with pytest.raises(ValueError, match="max_gen_len must be >= 1"):
+        model.generate_withcache([[1]], 0)
+
+
+def test_cached_generation_matches_the_plain_loop_on_random_models():
+    for n_kv in (1, 2, 4):
+        torch.manual_seed(n_kv)
+        model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=n_kv, vocab_size=60, multiple_of=4,
+                                      max_seq_len=64)).eval()
+        prompt = [1, 5, 9]
+        cached = model.generate_withcache([prompt], 30, temperature=0.0)[0]
+        plain = model.generate(torch.tensor([prompt]), 30, temperature=0.0)[0, 3:].tolist()
+        assert cached == plain
+
+
+P = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+
+
+def empirical(top_k, top_p, n=20000, temperature=1.0):
+    logits = P.log().repeat(n, 1)
+    before = logits.clone()
+    draws = sample_top_k_top_p(logits, top_k=top_k, top_p=top_p, temperature=temperature,
+                               generator=torch.Generator().manual_seed(0))[:, 0]
+    assert torch.equal(logits, before)  # the caller's logits are not modified
+    return torch.bincount(draws, minlength=len(P)).float() / n
+
+
+@pytest.mark.parametrize("top_k, top_p, allowed", [
+    (0, 1.0, [0, 1, 2, 3, 4, 5]),
+    (3, 1.0, [0, 1, 2]),
+    (0, 0.6, [0, 1]),        # 0.4 < 0.6: the second token is needed; 0.65 >= 0.6: the third is not
+    (0, 0.7, [0, 1, 2]),
+    (2, 0.9, [0, 1]),        # compose: top-k first, then top-p of what is left, one draw
+    (4, 0.5, [0, 1]),        # after top-4 the mass renormalises: 0.4/0.9 = 0.44 < 0.5 needs the second
+])
+def test_sampling_support_and_frequencies(top_k, top_p, allowed):
+    freq = empirical(top_k, top_p)
+    assert torch.nonzero(freq).flatten().tolist() == allowed
+    want = torch.zeros_like(P)
+    want[allowed] = P[allowed] / P[allowed].sum()
+    assert (freq - want).abs().max() < 0.015
+
+
+def test_temperature_zero_is_argmax_and_sampling_is_reproducible():
+    logits = torch.randn(64, 100, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(sample_top_k_top_p(logits, temperature=0.0)[:, 0], logits.argmax(-1))
+    a = sample_top_k_top_p(logits, 10, 0.9, 0.8, generator=torch.Generator().manual_seed(7))
+    b = sample_top_k_top_p(logits, 10, 0.9, 0.8, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    hot = empirical(0, 1.0, temperature=2.0)  # temperature flattens the distribution
+    assert hot[5] > P[5] + 0.03
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-0.5), "temperature must be >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(top_k=-1), "top_k must be >= 0"),
+])
+def test_bad_sampling_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sample_top_k_top_p(torch.zeros(1, 4), **{"top_k": 0, "top_p": 1.0, "temperature": 1.0, **kwargs})
+
+
+def test_sample_py_refuses_bad_sampling_flags():
+    ckpt = shared_path("stories260K", "stories260K.pt")
+    for flag, message in (("--temperature=-1.0", "temperature must be >= 0"), ("--top_p=0.0", "top_p must be in"),
+                          ("--max_new_tokens=0", "--max_new_tokens must be >= 1")):
+        proc = run([script("sample.py"), f"--checkpoint={ckpt}", flag], check=False)
+        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_deepcopy_leaves_the_cache_behind():
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=50, multiple_of=4, max_seq_len=32))
+    model.generate_withcache([[1]], 5)
+    twin = copy.deepcopy(model)
+    assert twin.cache_shape is None and all(l.attention.kv_cache is None for l in twin.layers)
+    assert model.cache_shape is not None  # the original keeps its cache
+    assert twin.output.weight is twin.tok_embeddings.weight  # still tied
+
+
+def test_compiled_decode_compiles_once_across_steps_and_calls(stories260k):
+    import torch._dynamo
+    model, _ = stories260k
+    decode = torch.compile(model.decode_step, fullgraph=True)
+    first = model.generate_withcache([[1], [1, 14]], 40, temperature=0.0, decode_fn=decode)
+    torch._dynamo.config.error_on_recompile = True
+    try:  # other prompts, same batch size and cache bucket: not a single recompilation
+        second = model.generate_withcache([[1, 20, 30], [1]], 41, temperature=0.0, decode_fn=decode)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    assert first[0] == model.generate_withcache([[1]], 40, temperature=0.0)[0]
+    assert second[1] == first[0] + [second[1][40]]
+
+
+def test_golden_story_with_compiled_decode(greedy_text, tmp_path):
+    proc = run([script("sample.py"), f"--checkpoint={shared_path('stories260K', 'stories260K.pt')}",
+                f"--tokenizer={shared_path('stories260K', 'tok512.model')}", "--temperature=0.0",
+                "--max_new_tokens=500", "--compile=True"])
+    assert proc.stdout == greedy_text + "\n"
+    assert "compiled" in proc.stderr
+
+
+def test_sample_py_batches_prompts_from_a_file(tmp_path, stories260k):
+    model, enc = stories260k
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\nTom had a red ball\n\nThe sun was hot\n")
+    proc = run([script("sample.py"), f"--checkpoint={shared_path('stories260K', 'stories260K.pt')}",
+                f"--tokenizer={shared_path('stories260K', 'tok512.model')}", f"--start=FILE:{prompts}",
+                "--temperature=0.0", "--max_new_tokens=20"])
+    stories = proc.stdout.split("---------------\n")
+    assert [s.split(" ")[0] for s in stories] == ["Once", "Tom", "The"]
+    want = model.generate_withcache([enc.encode("Tom had a red ball", bos=True, eos=False)], 20, temperature=0.0,
+                                    eos_id=[1, 2])[0]
+    assert stories[1].rstrip("\n") == enc.decode(enc.encode("Tom had a red ball", bos=True, eos=False) + want)
+    assert "3 samples" in proc.stderr and "tok/s" in proc.stderr

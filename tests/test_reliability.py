@@ -1,0 +1,244 @@
+"""Reliability: exact resume after a graceful stop, atomic writes, safe loading, robust downloads,
+resumable pretokenization, and one-line errors for bad input that leave out_dir untouched."""
+import hashlib
+import http.server
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import utils
+from conftest import REPO, run, script, shared_path
+from test_pipeline import synthetic_archive
+from tinystories import DataError, download_file
+
+MODEL = ["--vocab_source=custom", "--vocab_size=300", "--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2",
+         "--multiple_of=4", "--max_seq_len=64", "--batch_size=8", "--gradient_accumulation_steps=2", "--device=cpu",
+         "--compile=False", "--dropout=0.1", "--learning_rate=2e-3", "--warmup_iters=5", "--eval_iters=2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rel")
+    env = {"DATA_CACHE_DIR": str(root / "data")}
+    synthetic_archive(root / "a.tar.gz", n_shards=3, stories_per_shard=150)
+    run([script("tinystories.py"), "download", f"--data_url={root / 'a.tar.gz'}"], env=env)
+    run([script("tinystories.py"), "train_vocab", "--vocab_size=300"], env=env)
+    run([script("tinystories.py"), "pretokenize", "--vocab_size=300"], env=env)
+    return root, env
+
+
+def test_graceful_stop_and_exact_resume(data, tmp_path):
+    """SIGTERM midway, resume: bitwise the same weights and optimizer state as an uninterrupted run (float32,
+    dropout on, so the RNG state matters; cosine schedule; data position restored)."""
+    root, env = data
+    args = [*MODEL, "--max_iters=40", "--eval_interval=1000", "--always_save_checkpoint=True", "--log_interval=1"]
+    straight = tmp_path / "straight"
+    run([script("train.py"), f"--out_dir={straight}", *args], env=env)
+
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, script("train.py"), f"--out_dir={stopped}", *args], cwd=REPO,
+                            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("5 | loss"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "SIGTERM received" in out and "--init_from=resume" in out
+    stopped_at = torch.load(stopped / "ckpt.pt", weights_only=True)["iter_num"]
+    assert 5 < stopped_at < 40
+    run([script("train.py"), f"--out_dir={stopped}", *args, "--init_from=resume"], env=env)
+
+    a = torch.load(straight / "ckpt.pt", weights_only=True)
+    b = torch.load(stopped / "ckpt.pt", weights_only=True)
+    assert a["iter_num"] == b["iter_num"] == 41
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+
+
+def test_atomic_write_keeps_the_old_file_when_a_save_fails(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    utils.save_checkpoint({"v": torch.ones(3)}, str(path))
+    good = path.read_bytes()
+
+    def broken_replace(src, dst):
+        raise OSError("disk full (injected between write and replace)")
+
+    monkeypatch.setattr(utils.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="injected"):
+        utils.save_checkpoint({"v": torch.zeros(1000)}, str(path))
+    assert path.read_bytes() == good
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = "/tmp/fullllm_pickle_ran"
+
+
+def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path):
+    if os.path.exists(MARKER):
+        os.remove(MARKER)
+    bad = tmp_path / "evil.pt"
+    torch.save({"model": Evil(), "model_args": {}}, bad)
+    with pytest.raises(ValueError, match="refusing to load"):
+        utils.load_checkpoint(str(bad))
+    proc = run([script("sample.py"), f"--checkpoint={bad}"], check=False)
+    assert proc.returncode == 1 and "refusing to load" in proc.stderr and "Traceback" not in proc.stderr
+    assert not os.path.exists(MARKER)
+
+
+class FlakyHandler(http.server.BaseHTTPRequestHandler):
+    """Serves BLOB; the first full request is cut off halfway, later ones honour Range."""
+    BLOB = os.urandom(300_000)
+    requests = []
+
+    def do_GET(self):
+        rng = self.headers.get("Range")
+        FlakyHandler.requests.append(rng)
+        if rng is None and len(FlakyHandler.requests) == 1:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(self.BLOB)))
+            self.end_headers()
+            self.wfile.write(self.BLOB[: len(self.BLOB) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(2)  # drop the connection mid-body
+            return
+        start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+        self.send_response(206 if rng else 200)
+        self.send_header("Content-Length", str(len(self.BLOB) - start))
+        self.end_headers()
+        self.wfile.write(self.BLOB[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+def test_download_resumes_after_a_dropped_connection(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FlakyHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/blob"
+        out = tmp_path / "blob"
+        sha = hashlib.sha256(FlakyHandler.BLOB).hexdigest()
+        download_file(url, str(out), chunk_size=4096, sha256=sha)
+        assert out.read_bytes() == FlakyHandler.BLOB
+        assert FlakyHandler.requests[0] is None and FlakyHandler.requests[1].startswith("bytes=")
+        with pytest.raises(DataError, match="sha256 mismatch"):
+            download_file(url, str(tmp_path / "again"), sha256="0" * 64)
+        assert not (tmp_path / "again").exists()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_unreachable_url_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="unreachable after 2 attempts"):
+        download_file("http://127.0.0.1:9/none.tar.gz", str(tmp_path / "x"), retries=1)
+    assert not (tmp_path / "x").exists()
+
+
+def test_pretokenize_skips_complete_shards_and_redoes_missing_ones(data, tmp_path):
+    root, _ = data
+    data_dir = tmp_path / "data"
+    shutil.copytree(root / "data", data_dir)
+    env = {"DATA_CACHE_DIR": str(data_dir)}
+    bins = sorted((data_dir / "tok300").glob("*.bin"))
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in bins}
+    bins[1].unlink()
+    proc = run([script("tinystories.py"), "pretokenize", "--vocab_size=300"], env=env)
+    assert "skipped 2 shards" in proc.stdout
+    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted((data_dir / "tok300").glob("*.bin"))}
+    assert after[bins[0].name] == before[bins[0].name] and after[bins[2].name] == before[bins[2].name]
+    assert after[bins[1].name][1] == before[bins[1].name][1]  # redone, same tokens
+
+
+# --- bad input: one line, non-zero exit, no traceback, nothing in out_dir changed --------------------
+
+def tree_hash(folder):
+    h = hashlib.sha256()
+    for dirpath, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            p = os.path.join(dirpath, name)
+            h.update(p.encode())
+            h.update(open(p, "rb").read())
+    return h.hexdigest()
+
+
+BAD_INPUTS = [
+    ("train.py", ["--no_such_flag=1"], "unknown config key --no_such_flag"),
+    ("train.py", ["--batch_size=big"], "--batch_size expects int"),
+    ("train.py", ["--batch_size=0"], "--batch_size must be >= 1"),
+    ("train.py", ["--n_heads=4", "--n_kv_heads=3"], "must be divisible by n_kv_heads=3"),
+    ("train.py", ["--dim=32", "--n_heads=3", "--n_kv_heads=3"], "must be divisible by n_heads=3"),
+    ("train.py", ["--dim=36", "--n_heads=12", "--n_kv_heads=12"], "must be even"),
+    ("train.py", ["--device=cuda"], "CUDA is not available"),
+    ("train.py", ["--init_from=resume", "--out_dir={empty}"], "does not exist"),
+    ("train.py", ["missing_config.py"], "config file missing_config.py not found"),
+    ("train.py", ["NODATA"], "run `python tinystories.py pretokenize --vocab_size=300` first"),
+    ("sample.py", ["--checkpoint={out}/nope.pt"], "not found"),
+    ("sample.py", ["--checkpoint={out}/truncated.pt"], "truncated"),
+    ("sample.py", ["--checkpoint={out}/ckpt.pt", "--tokenizer={llama2}"], "has 32000 tokens but the model has vocab_size=300"),
+    ("sample.py", ["--checkpoint={out}/ckpt.pt", "--start={long}"], "leaves no room in the context"),
+    ("sample.py", ["--checkpoint={out}/ckpt.pt", "--max_new_tokens=0"], "--max_new_tokens must be >= 1"),
+    ("sample.py", ["--checkpoint={out}/ckpt.pt", "--device=cuda"], "CUDA is not available"),
+    ("tinystories.py", ["download", "--data_url=http://127.0.0.1:9/x.tar.gz", "--retries=0"], "unreachable"),
+    ("tinystories.py", ["download", "--data_url={out}/ckpt.pt"], "not a tar archive"),
+    ("export.py", ["{out}/x.bin", "--checkpoint={out}/nope.pt"], "not found"),
+]
+
+
+@pytest.mark.parametrize("script_name, args, message", BAD_INPUTS, ids=[f"{s}:{a[-1][:30]}" for s, a, _ in BAD_INPUTS])
+def test_bad_input_gets_a_one_line_error_and_changes_nothing(data, tmp_path, script_name, args, message):
+    root, env = data
+    ckpt = root / "trained" / "ckpt.pt"
+    if not ckpt.exists():
+        run([script("train.py"), f"--out_dir={ckpt.parent}", *MODEL, "--max_iters=2", "--eval_interval=2",
+             "--always_save_checkpoint=True"], env=env)
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(ckpt, out / "ckpt.pt")
+    (out / "truncated.pt").write_bytes(ckpt.read_bytes()[:5000])
+    values = {"out": out, "empty": tmp_path / "empty", "long": "once upon a time " * 200,
+              "llama2": shared_path("llama2", "tokenizer.model") if "{llama2}" in " ".join(args) else ""}
+    env = dict(env)
+    if "NODATA" in args or script_name == "tinystories.py":  # a data folder of its own, empty
+        env["DATA_CACHE_DIR"] = str(tmp_path / "nodata")
+    resolved = [a.format(**values) for a in args if a != "NODATA"]
+    if script_name == "train.py":
+        resolved = [*MODEL, f"--out_dir={out}", "--max_iters=1", *resolved]
+    before = tree_hash(out)
+    proc = run([script(script_name), *resolved], env=env, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and message in last, proc.stderr[-800:]
+    assert tree_hash(out) == before
+
+
+def test_ddp_two_processes_equal_one_process_with_twice_the_accumulation(data, tmp_path):
+    """torchrun, gloo on CPU: 2 processes x gradient accumulation 2 == 1 process x accumulation 4 on the same
+    batches (ranks split one global batch stream), after two optimizer steps."""
+    root, env = data
+    args = [*MODEL, "--dropout=0.0", "--gradient_accumulation_steps=4", "--max_iters=1", "--eval_interval=1000",
+            "--always_save_checkpoint=True", "--warmup_iters=0", "--decay_lr=False"]
+    run([script("train.py"), f"--out_dir={tmp_path / 'one'}", *args], env=env)
+    run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script("train.py"),
+         f"--out_dir={tmp_path / 'two'}", *args], env=env, timeout=300)
+    one = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)
+    two = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)
+    assert one["iter_num"] == two["iter_num"] == 2
+    a, b = one["model"], two["model"]
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-6, worst
