@@ -163,9 +163,11 @@ checkpoint = None
 model_args = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
                   multiple_of=multiple_of, max_seq_len=max_seq_len, dropout=dropout)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
-ppo_ckpt_path = os.path.join(out_dir, "ppo_ckpt.pt")
+ppo_ckpt_path = os.path.join(out_dir, "ppo_ckpt.pt")  # the PPO policy with the best mean reward
+ppo_last_path = os.path.join(out_dir, "ppo_last.pt")  # where a stopped PPO run left off (never overwrites the best)
 if init_from == "resume":
-    resume_path = ppo_ckpt_path if ppo and os.path.exists(ppo_ckpt_path) else ckpt_path
+    ppo_saved = [p for p in (ppo_ckpt_path, ppo_last_path) if ppo and os.path.exists(p)]
+    resume_path = max(ppo_saved, key=os.path.getmtime) if ppo_saved else ckpt_path  # the newer one
     if not os.path.exists(resume_path):
         fail(f"--init_from=resume but {resume_path} does not exist: train from scratch first or copy a checkpoint there")
     print(f"Resuming training from {resume_path}")
@@ -202,7 +204,7 @@ if checkpoint is not None:
         load_model_state(model, checkpoint["model"])
     except (ValueError, KeyError) as e:
         fail(f"{resume_path}: {e}")
-    resumed_ppo = resume_path == ppo_ckpt_path
+    resumed_ppo = resume_path in (ppo_ckpt_path, ppo_last_path)
     if not ppo or resumed_ppo:  # a PPO run started from a pre-training checkpoint starts its own count
         best_val_loss = float(checkpoint.get("best_val_loss", best_val_loss))
         best_reward = float(checkpoint.get("best_reward", best_reward))
@@ -483,7 +485,7 @@ while True:
         stop_now = stop_signal is not None
     if stop_now:
         if master_process:
-            save(ppo_ckpt_path if ppo else ckpt_path, **(ppo_extra() if ppo else {}))
+            save(ppo_last_path if ppo else ckpt_path, **(ppo_extra() if ppo else {}))
             print(f"stopped by {stop_signal or 'another rank'} after iteration {iter_num - 1}; continue with the same "
                   f"command and --init_from=resume")
         break
