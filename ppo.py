@@ -14,7 +14,6 @@ rewards and values into advantages; the loss is PPO's clipped policy loss + vf_c
 
 Used by `python train.py --ppo=True`; the pieces are importable for other rewards.
 """
-import math
 import random
 import time
 from contextlib import nullcontext

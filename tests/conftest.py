@@ -1,8 +1,12 @@
 """Shared test helpers. Tests that need ../shared (the published stories260K model, TinyStories excerpt)
 skip with a clear reason when it is absent, so the suite also passes on a fresh machine."""
+import io
+import json
 import os
+import random
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -32,6 +36,43 @@ def run(args, cwd=None, env=None, check=True, timeout=600):
 
 def script(name):
     return os.path.join(REPO, name)
+
+
+def synthetic_archive(path, n_shards=3, stories_per_shard=300, seed=0):
+    """A .tar.gz in TinyStories' layout (JSON shards of {"story": ...}) of generated stories."""
+    rng = random.Random(seed)
+    names = ["Lily", "Tom", "Ben", "Mia", "Sue", "Max", "Anna", "Sam"]
+    animals = ["cat", "dog", "bird", "fish", "frog", "bunny", "duck", "bear"]
+    things = ["ball", "kite", "box", "cake", "tree", "boat", "hat", "book", "car", "drum"]
+    adjs = ["big", "red", "small", "happy", "shiny", "soft", "blue", "funny", "old", "green"]
+    verbs = ["played with", "looked at", "found", "liked", "shared", "lost", "painted", "hugged"]
+
+    def story():
+        n, a, t = rng.choice(names), rng.choice(animals), rng.choice(things)
+        s = [f"Once upon a time, there was a {rng.choice(adjs)} {a} named {n}."]
+        for _ in range(rng.randint(3, 7)):
+            s.append(f"{n} {rng.choice(verbs)} a {rng.choice(adjs)} {rng.choice(things)} "
+                     f"with {rng.choice(names)} and {rng.randint(2, 9)} friends.")
+        s.append(f"In the end, the {a} was {rng.choice(adjs)} and the {t} was {rng.choice(adjs)}.")
+        return " ".join(s)
+
+    with tarfile.open(path, "w:gz") as tar:
+        for i in range(n_shards):
+            data = json.dumps([{"story": story()} for _ in range(stories_per_shard)]).encode()
+            info = tarfile.TarInfo(f"data{i:02d}.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def prepare_synthetic_data(root, vocab_size=300, stories_per_shard=200):
+    """A generated archive run through download, train_vocab and pretokenize in root/data; returns the env
+    (DATA_CACHE_DIR) the scripts need."""
+    env = {"DATA_CACHE_DIR": str(root / "data")}
+    synthetic_archive(root / "a.tar.gz", n_shards=3, stories_per_shard=stories_per_shard)
+    run([script("tinystories.py"), "download", f"--data_url={root / 'a.tar.gz'}"], env=env)
+    run([script("tinystories.py"), "train_vocab", f"--vocab_size={vocab_size}"], env=env)
+    run([script("tinystories.py"), "pretokenize", f"--vocab_size={vocab_size}"], env=env)
+    return env
 
 
 @pytest.fixture(scope="session")

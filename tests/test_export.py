@@ -1,5 +1,4 @@
 """Exact round trips between this repository, llama2.c's .bin formats and Hugging Face."""
-import os
 import struct
 
 import numpy as np

@@ -6,13 +6,12 @@ import http.server
 import io
 import json
 import os
-import random
 import tarfile
 import threading
 
 import pytest
 
-from conftest import run, script, shared_path
+from conftest import run, script, shared_path, synthetic_archive
 
 TINY_MODEL = ["--vocab_source=custom", "--dim=64", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2",
               "--multiple_of=4", "--max_seq_len=128", "--batch_size=16", "--gradient_accumulation_steps=1",
@@ -37,32 +36,6 @@ def http_server():
     for s in servers:
         s.shutdown()
         s.server_close()
-
-
-def synthetic_archive(path, n_shards=3, stories_per_shard=300, seed=0):
-    """A .tar.gz in TinyStories' layout (JSON shards of {"story": ...}) of generated stories."""
-    rng = random.Random(seed)
-    names = ["Lily", "Tom", "Ben", "Mia", "Sue", "Max", "Anna", "Sam"]
-    animals = ["cat", "dog", "bird", "fish", "frog", "bunny", "duck", "bear"]
-    things = ["ball", "kite", "box", "cake", "tree", "boat", "hat", "book", "car", "drum"]
-    adjs = ["big", "red", "small", "happy", "shiny", "soft", "blue", "funny", "old", "green"]
-    verbs = ["played with", "looked at", "found", "liked", "shared", "lost", "painted", "hugged"]
-
-    def story():
-        n, a, t = rng.choice(names), rng.choice(animals), rng.choice(things)
-        s = [f"Once upon a time, there was a {rng.choice(adjs)} {a} named {n}."]
-        for _ in range(rng.randint(3, 7)):
-            s.append(f"{n} {rng.choice(verbs)} a {rng.choice(adjs)} {rng.choice(things)} "
-                     f"with {rng.choice(names)} and {rng.randint(2, 9)} friends.")
-        s.append(f"In the end, the {a} was {rng.choice(adjs)} and the {t} was {rng.choice(adjs)}.")
-        return " ".join(s)
-
-    with tarfile.open(path, "w:gz") as tar:
-        for i in range(n_shards):
-            data = json.dumps([{"story": story()} for _ in range(stories_per_shard)]).encode()
-            info = tarfile.TarInfo(f"data{i:02d}.json")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def read_metrics(out_dir):

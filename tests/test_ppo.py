@@ -1,11 +1,10 @@
 import math
-import os
 import shutil
 
 import pytest
 import torch
 
-from conftest import run, script
+from conftest import prepare_synthetic_data, run, script
 from model import ModelArgs, Transformer, TransformerWithValueHead
 from ppo import (AdaptiveKLController, FixedKLController, LengthReward, LengthSampler, PPOConfig, PPOTrainer,
                  clip_by_value, entropy_from_logits, logprobs_from_logits, masked_mean, masked_var, masked_whiten)
@@ -289,13 +288,8 @@ def test_ppo_lowers_the_length_when_short_stories_pay():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """Generated TinyStories-like data, a tokenizer and a briefly pre-trained tiny model in out/ckpt.pt."""
-    from test_pipeline import synthetic_archive
     root = tmp_path_factory.mktemp("ppo")
-    env = {"DATA_CACHE_DIR": str(root / "data")}
-    synthetic_archive(root / "a.tar.gz", n_shards=3, stories_per_shard=200)
-    run([script("tinystories.py"), "download", f"--data_url={root / 'a.tar.gz'}"], env=env)
-    run([script("tinystories.py"), "train_vocab", "--vocab_size=300"], env=env)
-    run([script("tinystories.py"), "pretokenize", "--vocab_size=300"], env=env)
+    env = prepare_synthetic_data(root)
     model = ["--vocab_source=custom", "--vocab_size=300", "--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2",
              "--multiple_of=4", "--max_seq_len=128", "--device=cpu", "--compile=False"]
     out = root / "out"
@@ -333,7 +327,6 @@ def test_train_py_ppo_refuses_a_tokenizer_of_another_vocabulary(tiny_run, tmp_pa
     root, env, model = tiny_run
     out = tmp_path / "out"
     shutil.copytree(root / "out", out)
-    other = tmp_path / "other"
     run([script("tinystories.py"), "train_vocab", "--vocab_size=320"], env={"DATA_CACHE_DIR": str(root / "data")})
     proc = run([script("train.py"), f"--out_dir={out}", *model, *PPO_FLAGS, "--max_iters=31",
                 f"--tokenizer={root / 'data' / 'tok320.model'}"], env=env, check=False)

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import utils
-from conftest import REPO, run, script, shared_path
-from test_pipeline import synthetic_archive
+from conftest import REPO, prepare_synthetic_data, run, script, shared_path
 from tinystories import DataError, download_file
 
 MODEL = ["--vocab_source=custom", "--vocab_size=300", "--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2",
@@ -25,11 +24,7 @@ MODEL = ["--vocab_source=custom", "--vocab_size=300", "--dim=32", "--n_layers=2"
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("rel")
-    env = {"DATA_CACHE_DIR": str(root / "data")}
-    synthetic_archive(root / "a.tar.gz", n_shards=3, stories_per_shard=150)
-    run([script("tinystories.py"), "download", f"--data_url={root / 'a.tar.gz'}"], env=env)
-    run([script("tinystories.py"), "train_vocab", "--vocab_size=300"], env=env)
-    run([script("tinystories.py"), "pretokenize", "--vocab_size=300"], env=env)
+    env = prepare_synthetic_data(root, stories_per_shard=150)
     return root, env
 
 
@@ -242,3 +237,14 @@ def test_ddp_two_processes_equal_one_process_with_twice_the_accumulation(data, t
     a, b = one["model"], two["model"]
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-6, worst
+
+
+def test_non_finite_gradients_stop_training_before_anything_is_saved(data, tmp_path):
+    root, env = data
+    out = tmp_path / "out"
+    proc = run([script("train.py"), f"--out_dir={out}", *MODEL, "--learning_rate=1e6", "--warmup_iters=0",
+                "--grad_clip=0.0", "--max_iters=50", "--eval_interval=1000", "--dropout=0.0"], env=env, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: non-finite loss or gradient at iteration") and "last good checkpoint" in last
+    assert not (out / "ckpt.pt").exists()  # no NaN weights written
