@@ -503,5 +503,6 @@ if ddp:
     if not all(torch.equal(g, gathered[0]) for g in gathered):
         fail("the DDP ranks ended with different weights")
     if master_process:
-        print(f"all {ddp_world_size} ranks hold identical weights")
+        print(f"all {ddp_world_size} ranks hold identical weights", flush=True)
+    torch.distributed.barrier()  # tear down together: a rank leaving early can abort gloo's threads in another
     destroy_process_group()
