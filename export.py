@@ -34,8 +34,21 @@ class FormatError(ValueError):
 # -----------------------------------------------------------------------------
 # llama2.c .bin
 
-def _tensors_in_order(model: Transformer, version: int):
-    """The weights of a llama2.c .bin in file order (without the header)."""
+def _legacy_order(model: Transformer):
+    """Version 0's weights in file order: embeddings, then each kind of tensor for all layers, the final norm,
+    and the RoPE tables."""
+    L = model.layers
+    return [model.tok_embeddings.weight, *(l.attention_norm.weight for l in L),
+            *(l.attention.wq.weight for l in L), *(l.attention.wk.weight for l in L),
+            *(l.attention.wv.weight for l in L), *(l.attention.wo.weight for l in L),
+            *(l.ffn_norm.weight for l in L), *(l.feed_forward.w1.weight for l in L),
+            *(l.feed_forward.w2.weight for l in L), *(l.feed_forward.w3.weight for l in L),
+            model.norm.weight, model.freqs_cos[: model.params.max_seq_len],
+            model.freqs_sin[: model.params.max_seq_len]]
+
+
+def _versioned_order(model: Transformer):
+    """Versions 1 and 2: (the norms, kept in fp32; the matrices, quantized in version 2), each in file order."""
     L = model.layers
     norms = [*(l.attention_norm.weight for l in L), *(l.ffn_norm.weight for l in L), model.norm.weight]
     mats = [model.tok_embeddings.weight,
@@ -43,14 +56,6 @@ def _tensors_in_order(model: Transformer, version: int):
             *(l.attention.wv.weight for l in L), *(l.attention.wo.weight for l in L),
             *(l.feed_forward.w1.weight for l in L), *(l.feed_forward.w2.weight for l in L),
             *(l.feed_forward.w3.weight for l in L)]
-    if version == 0:  # legacy: embeddings, then interleaved norms and matrices, then the RoPE tables
-        return [model.tok_embeddings.weight, *(l.attention_norm.weight for l in L),
-                *(l.attention.wq.weight for l in L), *(l.attention.wk.weight for l in L),
-                *(l.attention.wv.weight for l in L), *(l.attention.wo.weight for l in L),
-                *(l.ffn_norm.weight for l in L), *(l.feed_forward.w1.weight for l in L),
-                *(l.feed_forward.w2.weight for l in L), *(l.feed_forward.w3.weight for l in L),
-                model.norm.weight, model.freqs_cos[: model.params.max_seq_len],
-                model.freqs_sin[: model.params.max_seq_len]]
     return norms, mats
 
 
@@ -78,7 +83,7 @@ def export_bin(model: Transformer, path: str, version: int, group_size: int = 64
     with atomic_write(path) as f:
         if version == 0:
             f.write(_header(p, shared, signed_vocab=True))
-            for t in _tensors_in_order(model, 0):
+            for t in _legacy_order(model):
                 f.write(t.detach().cpu().float().numpy().astype("<f4").tobytes())
             if not shared:
                 f.write(model.output.weight.detach().cpu().float().numpy().astype("<f4").tobytes())
@@ -89,7 +94,7 @@ def export_bin(model: Transformer, path: str, version: int, group_size: int = 64
                 group_size //= 2  # llama2.c: the group must divide dim
             header += struct.pack("i", group_size)
         f.write(header + b"\0" * (256 - len(header)))
-        norms, mats = _tensors_in_order(model, version)
+        norms, mats = _versioned_order(model)
         if not shared:
             mats.append(model.output.weight)
         for t in norms:
@@ -144,11 +149,11 @@ def load_bin(path: str) -> Transformer:
     # the read plan: (tensor or None to skip, encoding) in file order
     if version == 0:
         rope = [(None, 4 * seq * args.head_dim // 2)] * 2  # stored RoPE tables: recomputed, skipped
-        plan = [(t, "f32") for t in _tensors_in_order(model, 0)[:-2]] + rope
+        plan = [(t, "f32") for t in _legacy_order(model)[:-2]] + rope
         if not shared:
             plan.append((model.output.weight, "f32"))
     else:
-        norms, mats = _tensors_in_order(model, version)
+        norms, mats = _versioned_order(model)
         if not shared:
             mats.append(model.output.weight)
         plan = [(t, "f32") for t in norms] + [(t, "f32" if version == 1 else "q80") for t in mats]
