@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import run, script, shared_path
-from model import ModelArgs, Transformer, sample_top_k_top_p
+from model import ModelArgs, Transformer, compile_decode, sample_top_k_top_p
 
 
 def test_ragged_batch_equals_each_prompt_alone(stories260k, greedy_text):
@@ -132,6 +132,24 @@ def test_compiled_decode_compiles_once_across_steps_and_calls(stories260k):
         torch._dynamo.config.error_on_recompile = False
     assert first[0] == model.generate_withcache([[1]], 40, temperature=0.0)[0]
     assert second[1] == first[0] + [second[1][40]]
+
+
+def test_compiled_decode_equals_eager_for_few_and_many_rows():
+    """The compiled step uses other forms of the same sums (fused multiply-sums for <= 8 rows, the
+    transposed GEMM for more): its logits and tokens must match the eager step. Batch 1 -> 12 -> 1
+    through one compiled function also checks that skipping guards inside a call never runs the
+    graph of another batch size."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=70, multiple_of=8,
+                                  max_seq_len=64)).eval()
+    decode = compile_decode(model)
+    for batch in (1, 12, 1):
+        prompts = [[1 + (i * 7 + j) % 60 for j in range(1 + i % 5)] for i in range(batch)]
+        eager = model.generate_withcache(prompts, 40, temperature=0.0)
+        assert model.generate_withcache(prompts, 40, temperature=0.0, decode_fn=decode) == eager
+        tokens, pos = torch.tensor([[3]] * batch), torch.arange(batch) + 5
+        with torch.inference_mode():
+            torch.testing.assert_close(decode(tokens, pos), model.decode_step(tokens, pos), atol=1e-5, rtol=1e-5)
 
 
 def test_golden_story_with_compiled_decode(greedy_text, tmp_path):
