@@ -183,8 +183,8 @@ class Attention(nn.Module):
             scores = (qg[:, :, :, None, :] * k_all[:, :, None]).sum(-1)
         else:
             scores = qg @ k_all.transpose(-1, -2)
-        scores = scores * (1.0 / math.sqrt(self.head_dim))
-        probs = F.softmax(scores.masked_fill(~mask, float("-inf")).float(), dim=-1).type_as(qg)  # mask: beyond each row
+        scores = (scores * (1.0 / math.sqrt(self.head_dim))).masked_fill(~mask, float("-inf"))  # beyond each row
+        probs = F.softmax(scores.float(), dim=-1).type_as(qg)
         y = (probs[..., None] * v_all[:, :, None]).sum(-2) if few_rows else probs @ v_all
         return decode_linear(y.view(B, self.n_heads * self.head_dim), self.wo.weight)
 
@@ -426,7 +426,7 @@ class Transformer(nn.Module):
                 logits = decode(next_token, lens_t + s)
                 if s == 0 and decode_fn is not None:
                     # dynamo checked its guards on this first step; the later steps pass tensors of the
-                    # same shapes to the same model, so checking ~100 guards per token is pure overhead
+                    # same shapes to the same model, so re-checking dozens of guards per token is pure overhead
                     stack.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
 
         result = []
