@@ -424,7 +424,7 @@ class Transformer(nn.Module):
                     break  # the every-8-steps check is the loop's only host sync
                 # finished rows keep decoding harmlessly in place (their output is cut below)
                 logits = decode(next_token, lens_t + s)
-                if s == 0 and decode_fn is not None:
+                if s == 0 and decode_fn is not None and CAN_SKIP_GUARDS:
                     # dynamo checked its guards on this first step; the later steps pass tensors of the
                     # same shapes to the same model, so re-checking dozens of guards per token is pure overhead
                     stack.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
@@ -438,6 +438,11 @@ class Transformer(nn.Module):
                     row = row[: row.index(stop)]
             result.append(list(p) + row if echo else row)
         return result
+
+
+# newer torch (2.7+) can skip guard evaluation; generate_withcache does so after the first step of a call
+CAN_SKIP_GUARDS = hasattr(torch.compiler, "set_stance") and \
+    "skip_guard_eval_unsafe" in inspect.signature(torch.compiler.set_stance).parameters
 
 
 def all_rows_done(out, stop_ids, limit):
