@@ -109,15 +109,16 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos, k, v):
-        """Write k, v (B, H_kv, T, D) at positions input_pos: (T,) shared by all rows (prefill), or
-        (B,) one position per row (decode: ragged rows each advance from their own prompt end)."""
-        if input_pos.dim() == 1 and input_pos.numel() == k.size(2):
-            self.k[: k.size(0)].index_copy_(2, input_pos, k)
-            self.v[: v.size(0)].index_copy_(2, input_pos, v)
-        else:
-            rows = torch.arange(k.size(0), device=k.device)
-            self.k[rows, :, input_pos] = k[:, :, 0]
-            self.v[rows, :, input_pos] = v[:, :, 0]
+        """Prefill: write k, v (B, H_kv, T, D) at positions input_pos (T,), the same for every row."""
+        self.k[: k.size(0)].index_copy_(2, input_pos, k)
+        self.v[: v.size(0)].index_copy_(2, input_pos, v)
+
+    def update_rows(self, input_pos, k, v):
+        """Decode: write one position per row, k, v (B, H_kv, 1, D) at input_pos (B,) (ragged rows each
+        advance from their own prompt end). Returns the whole cache."""
+        rows = torch.arange(k.size(0), device=k.device)
+        self.k[rows, :, input_pos] = k[:, :, 0]
+        self.v[rows, :, input_pos] = v[:, :, 0]
         return self.k, self.v
 
 
@@ -174,7 +175,7 @@ class Attention(nn.Module):
         k = decode_linear(x, self.wk.weight).view(B, 1, self.n_kv_heads, self.head_dim)
         v = decode_linear(x, self.wv.weight).view(B, 1, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        k_all, v_all = self.kv_cache.update(input_pos, k.transpose(1, 2), v.transpose(1, 2))
+        k_all, v_all = self.kv_cache.update_rows(input_pos, k.transpose(1, 2), v.transpose(1, 2))
         # the n_rep query heads that share a key/value head are grouped, so the cache is read in
         # place (repeat_kv would copy all of it every step)
         qg = q.view(B, self.n_kv_heads, self.n_rep, self.head_dim)
