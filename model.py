@@ -376,10 +376,24 @@ class Transformer(nn.Module):
             h = layer.decode(h, cos, sin, input_pos, mask)
         return decode_linear(self.norm(h), self.output.weight).float()
 
+    def decode_tokens(self, tokens, input_pos, uniforms, temperature=0.0, top_k=0, top_p=1.0):
+        """K = uniforms.size(1) decode steps in one call: feed tokens (B, 1) at per-row positions input_pos
+        (B,), sample the next token of each row with its uniform of that step (uniforms (B, K), ignored when
+        greedy), feed that, and so on. Returns the K new tokens (B, K). Sampling happens here, inside what
+        compile_decode compiles, so a compiled call is the whole step; K > 1 also spreads torch.compile's
+        fixed cost per call (~0.15 ms on a 2-core CPU) over K tokens."""
+        new_tokens = []
+        for i in range(uniforms.size(1)):
+            logits = self.decode_step(tokens, input_pos + i)
+            tokens = sample_top_k_top_p(logits, top_k, top_p, temperature, uniform=uniforms[:, i])
+            new_tokens.append(tokens)
+        return torch.cat(new_tokens, dim=1)
+
     @torch.inference_mode()
     def generate_withcache(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
                            top_k: int = 0, top_p: float = 1.0, eos_id: Optional[int] = None,
-                           echo: bool = False, device=None, decode_fn=None, generator=None) -> List[List[int]]:
+                           echo: bool = False, device=None, decode_fn=None, generator=None,
+                           tokens_per_call: int = 1) -> List[List[int]]:
         """Batched KV-cache generation for prompts of different lengths.
 
         Each row gets at most max_gen_len new tokens, stops at eos_id (an id or a list of ids; not
@@ -387,10 +401,15 @@ class Transformer(nn.Module):
         when the context (max_seq_len) is full, and equals what its prompt produces alone under greedy
         decoding. Rows are right-padded; every row decodes at its own position, so no row waits for or
         is padded by another. Returns new tokens per row (prompt + new tokens with echo=True).
-        decode_fn: optional replacement for self.decode_step, e.g. compile_decode(model)."""
+        decode_fn: optional replacement for self.decode_tokens, e.g. compile_decode(model).
+        tokens_per_call: decode steps per decode_fn call (the same tokens for any value; a compiled
+        decode_fn compiles once per value). Sampling draws one uniform per row and token from generator
+        (default: torch's global generator), so a seed gives the same stories eager or compiled."""
         check_sampling_args(temperature, top_k, top_p)
         if max_gen_len < 1:
             raise ValueError(f"max_gen_len must be >= 1, got {max_gen_len}")
+        if tokens_per_call < 1:
+            raise ValueError(f"tokens_per_call must be >= 1, got {tokens_per_call}")
         if not prompt_tokens or any(len(p) == 0 for p in prompt_tokens):
             raise ValueError("every prompt needs at least one token (e.g. BOS)")
         device = device or self.tok_embeddings.weight.device
@@ -405,7 +424,7 @@ class Transformer(nn.Module):
         # calls (multiple of 64) so a compiled decode step is not recompiled for every batch
         need = max(n + k - 1 for n, k in zip(lens, n_new))
         self.setup_caches(B, min(ctx, 64 * math.ceil(need / 64)), device=device)
-        decode = decode_fn or self.decode_step
+        decode = decode_fn or self.decode_tokens
 
         tokens = torch.zeros(B, max(lens), dtype=torch.long, device=device)
         for i, p in enumerate(prompt_tokens):
@@ -413,22 +432,31 @@ class Transformer(nn.Module):
         lens_t = torch.tensor(lens, device=device)
         logits = self.prefill(tokens, lens_t - 1)
 
+        def uniforms(k):  # (B, k), drawn step by step so that any tokens_per_call sees the same numbers;
+            # greedy decoding draws nothing, so it leaves the generator as it was
+            return (torch.zeros(B, k, device=device) if temperature == 0.0
+                    else torch.rand(k, B, device=device, generator=generator).t())
+
         stop_ids = None if eos_id is None else torch.tensor(
             [eos_id] if isinstance(eos_id, int) else list(eos_id), device=device)
-        out = torch.zeros(B, steps, dtype=torch.long, device=device)
+        K = tokens_per_call
+        out = torch.zeros(B, steps + K, dtype=torch.long, device=device)  # + K: the last call may overshoot
         limit = torch.tensor(n_new, device=device)  # per-row budget of new tokens
+        # the token fed next; one tensor for the whole loop, so every decode call sees the same strides
+        next_token = sample_top_k_top_p(logits, top_k, top_p, temperature, uniform=uniforms(1)[:, 0]).contiguous()
+        out[:, :1] = next_token
         with contextlib.ExitStack() as stack:
-            for s in range(steps):
-                next_token = sample_top_k_top_p(logits, top_k, top_p, temperature, generator)
-                out[:, s] = next_token[:, 0]
-                if s + 1 == steps or (s % 8 == 7 and all_rows_done(out[:, : s + 1], stop_ids, limit)):
-                    break  # the every-8-steps check is the loop's only host sync
+            for s in range(1, steps, K):  # s: new tokens so far
                 # finished rows keep decoding harmlessly in place (their output is cut below)
-                logits = decode(next_token, lens_t + s)
-                if s == 0 and decode_fn is not None and CAN_SKIP_GUARDS:
-                    # dynamo checked its guards on this first step; the later steps pass tensors of the
-                    # same shapes to the same model, so re-checking dozens of guards per token is pure overhead
+                new_tokens = decode(next_token, lens_t + s - 1, uniforms(K), temperature, top_k, top_p)
+                out[:, s: s + K] = new_tokens
+                next_token.copy_(new_tokens[:, -1:])
+                if s == 1 and decode_fn is not None and CAN_SKIP_GUARDS:
+                    # dynamo checked its guards on this first call; the later calls pass tensors of the
+                    # same shapes to the same model, so re-checking dozens of guards per call is pure overhead
                     stack.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
+                if (s + K) // 8 > s // 8 and all_rows_done(out[:, : s + K], stop_ids, limit):
+                    break  # checked every 8 tokens: the loop's only host sync
 
         result = []
         out = out.tolist()
@@ -455,11 +483,12 @@ def all_rows_done(out, stop_ids, limit):
 
 
 def compile_decode(model: Transformer):
-    """torch.compile the one-token decode step for generate_withcache(decode_fn=...). Static shapes: it
-    compiles once per (batch, cache bucket) and replays for every step and call. cpp_wrapper moves the
-    per-call launch code from Python to C++, which matters when each step is only microseconds of math."""
+    """torch.compile the decode steps (Transformer.decode_tokens: forward and sampling) for
+    generate_withcache(decode_fn=...). Static shapes: it compiles once per (batch, cache bucket,
+    tokens_per_call, sampling settings) and replays for every call. cpp_wrapper moves the per-call
+    launch code from Python to C++, which matters when each step is only microseconds of math."""
     options = {"cpp_wrapper": True} if model.tok_embeddings.weight.device.type == "cpu" else None
-    return torch.compile(model.decode_step, fullgraph=True, dynamic=False, options=options)
+    return torch.compile(model.decode_tokens, fullgraph=True, dynamic=False, options=options)
 
 
 class TransformerWithValueHead(Transformer):
@@ -494,11 +523,14 @@ def check_sampling_args(temperature, top_k, top_p):
         raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p}")
 
 
-def sample_top_k_top_p(logits, top_k=0, top_p=1.0, temperature=1.0, generator=None):
+def sample_top_k_top_p(logits, top_k=0, top_p=1.0, temperature=1.0, generator=None, uniform=None):
     """Draw one token per row from logits (B, V) -> (B, 1).
 
     temperature 0 is greedy; otherwise keep the top_k logits (0: all), then the smallest set of tokens
-    whose probability reaches top_p (1.0: all), renormalise, and draw once. logits are not modified."""
+    whose probability reaches top_p (1.0: all), renormalise, and draw once. logits are not modified.
+    The draw is inverse transform sampling with one uniform per row in [0, 1): uniform (B,), or drawn
+    from generator when None. Taking the uniforms as an input lets a compiled decode step sample inside
+    its graph and still follow the caller's generator."""
     check_sampling_args(temperature, top_k, top_p)
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
@@ -507,13 +539,24 @@ def sample_top_k_top_p(logits, top_k=0, top_p=1.0, temperature=1.0, generator=No
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits, dim=-1)
+    if uniform is None:
+        uniform = torch.rand(probs.size(0), device=probs.device, generator=generator)
     if top_p < 1.0:
         probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
         # drop a token when the tokens ranked above it already hold more than top_p
         probs_sort = probs_sort.masked_fill(probs_sort.cumsum(-1) - probs_sort > top_p, 0.0)
-        choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)  # renormalises itself
-        return torch.gather(probs_idx, -1, choice)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+        return torch.gather(probs_idx, -1, inverse_cdf(probs_sort, uniform))
+    return inverse_cdf(probs, uniform)
+
+
+def inverse_cdf(weights, uniform):
+    """The index (B, 1) of the first token whose cumulative weight exceeds uniform * total weight: a draw
+    from weights (B, V), which need not sum to 1. A zero-weight token is never chosen: its cumulative
+    weight equals its predecessor's, and the count never reaches past the last token with weight."""
+    cdf = weights.cumsum(-1)
+    total = cdf[:, -1:]
+    target = uniform.to(cdf.dtype)[:, None] * total
+    return ((cdf <= target) & (cdf < total)).sum(-1, keepdim=True)
 
 
 # -----------------------------------------------------------------------------

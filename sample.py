@@ -6,7 +6,8 @@ Sample stories from a trained model with the KV-cache generator.
     python sample.py --checkpoint=out/ckpt.pt --start="Once upon a time" --num_samples=8 --batch=True
     python sample.py --checkpoint=out/ckpt.pt --start=FILE:prompts.txt   # one prompt per line, batched
 
-Works the same on CPU, CUDA and MPS (--device=auto picks one); --compile=True compiles the decode step.
+Works the same on CPU, CUDA and MPS (--device=auto picks one); --compile=True compiles the decode step
+(forward and sampling), --tokens_per_call=4 puts 4 decode steps in each compiled call.
 Stories go to stdout (separated by a line of dashes); speed and settings go to stderr.
 """
 import os
@@ -37,6 +38,7 @@ seed = 1337
 device = "auto"
 dtype = "auto"
 compile = False  # torch.compile the decode step (worth it for long or many samples)
+tokens_per_call = 1  # decode steps per compiled call: 4 is ~1.7x faster for tiny models at batch 1, compiles ~4x longer
 # -----------------------------------------------------------------------------
 configurator.apply_or_exit(globals(), sys.argv[1:])
 
@@ -65,7 +67,7 @@ def find_tokenizer(ckpt_path, config, vocab_size):
 
 
 def main():
-    for name in ("max_new_tokens", "num_samples"):
+    for name in ("max_new_tokens", "num_samples", "tokens_per_call"):
         if globals()[name] < 1:
             fail(f"--{name} must be >= 1, got {globals()[name]}")
     try:
@@ -109,7 +111,8 @@ def main():
             for group in groups:
                 outputs += model.generate_withcache(group, max_new_tokens, temperature=temperature, top_k=top_k,
                                                     top_p=top_p, eos_id=stop, echo=False, device=dev,
-                                                    decode_fn=decode_fn, generator=generator)
+                                                    decode_fn=decode_fn, generator=generator,
+                                                    tokens_per_call=tokens_per_call)
     except ValueError as e:
         fail(e)
     dt = time.time() - t0
@@ -119,7 +122,8 @@ def main():
         print(enc.decode(p + out))
     n_tokens = sum(len(o) for o in outputs)
     print(f"[{len(outputs)} samples, {n_tokens} tokens in {dt:.2f}s: {n_tokens / dt:,.0f} tok/s on {dev}"
-          f"{', compiled' if compile else ''}]", file=sys.stderr)
+          f"{', compiled' if compile else ''}{f', {tokens_per_call} tokens per call' if tokens_per_call > 1 else ''}]",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

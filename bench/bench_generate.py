@@ -1,15 +1,17 @@
 """
 Generation speed: this repo's KV-cache generator (eager, and with the decode step compiled) against the plain
 no-cache loop and Hugging Face `LlamaForCausalLM.generate` with the same weights, greedy, 256 new tokens from
-a 1-token prompt, at batch 1 and 32, for the 260K and 15M configurations. Prints medians and ratios.
+a 1-token prompt, at batch 1 and 32, for the 260K and 15M configurations. The compiled generator runs with 1
+and with 4 decode steps per compiled call. Prints medians, ratios and the first (compiling) call's time.
 
-    python bench/bench_generate.py            # about 10 minutes on 2 CPU cores; needs transformers
-    python bench/bench_generate.py --quick    # fewer runs
+    python bench/bench_generate.py            # about 20 minutes on 2 CPU cores (half of it compiling); needs transformers
+    python bench/bench_generate.py --quick --tokens_per_call=1    # fewer runs, one compiled column
 """
 import argparse
 import os
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -62,15 +64,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 timed run instead of 3")
     parser.add_argument("--configs", default="260K,15M")
+    parser.add_argument("--tokens_per_call", default="1,4", help="compiled columns: decode steps per compiled call")
     args = parser.parse_args()
     runs = 1 if args.quick else 3
+    per_call = [int(k) for k in args.tokens_per_call.split(",")]
     try:
         import transformers  # noqa: F401
         have_hf = True
     except ImportError:
         have_hf = False
         print("transformers is not installed: the Hugging Face column is skipped (pip install transformers)")
-    rows = []
+    rows, compile_times = [], []
     for name in args.configs.split(","):
         torch.manual_seed(0)
         model = Transformer(CONFIGS[name]).eval()
@@ -80,24 +84,34 @@ def main():
             prompts = [[1]] * batch
             work = NEW * batch
             eager = median_rate(lambda: model.generate_withcache(prompts, NEW, temperature=0.0), work, runs)
-            comp = median_rate(lambda: model.generate_withcache(prompts, NEW, temperature=0.0, decode_fn=compiled),
-                               work, runs)
+            comp = []
+            for k in per_call:
+                def run_compiled():
+                    model.generate_withcache(prompts, NEW, temperature=0.0, decode_fn=compiled, tokens_per_call=k)
+                t0 = time.perf_counter()
+                run_compiled()  # compiles (or loads from torch's on-disk cache)
+                compile_times.append(f"{name} batch {batch}, {k}/call: {time.perf_counter() - t0:.0f} s")
+                comp.append(median_rate(run_compiled, work, runs, warmup=0))
             idx = torch.ones(batch, 1, dtype=torch.long)
             plain = median_rate(lambda: model.generate(idx, 64, temperature=0.0), 64 * batch, 1, warmup=0)
-            row = [name, batch, f"{plain:,.0f}", f"{eager:,.0f}", f"{comp:,.0f}"]
+            row = [name, batch, f"{plain:,.0f}", f"{eager:,.0f}"] + [f"{c:,.0f}" for c in comp]
             if hf is not None:
                 def run_hf():
                     with torch.inference_mode():
                         hf.generate(idx, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, use_cache=True,
                                     pad_token_id=0)
                 hf_rate = median_rate(run_hf, work, runs)
-                row += [f"{hf_rate:,.0f}", f"{comp / hf_rate:.2f}x"]
-            row += [f"{comp / plain:.1f}x"]
+                row += [f"{hf_rate:,.0f}"] + [f"{c / hf_rate:.2f}x" for c in comp]
+            row += [f"{comp[0] / plain:.1f}x"]
             rows.append(row)
             print(" | ".join(map(str, row)), flush=True)
-    header = ["model", "batch", "plain generate (first 64)", "KV cache, eager", "KV cache, compiled"]
-    header += (["HF generate", "compiled / HF"] if have_hf else []) + ["compiled / plain"]
+    header = ["model", "batch", "plain generate (first 64)", "KV cache, eager"]
+    header += [f"compiled, {k} token{'s' if k > 1 else ''}/call" for k in per_call]
+    if have_hf:
+        header += ["HF generate"] + [f"{k}/call / HF" for k in per_call]
+    header += [f"{per_call[0]}/call / plain"]
     print_table(f"Greedy generation, {NEW} new tokens from a 1-token prompt, tokens/s (median of {runs})", header, rows)
+    print("\nfirst call (compile, or load from the on-disk cache): " + "; ".join(compile_times))
     grown, weights, cache = peak_rss_of_generation()
     print(f"\nmemory, 15M batch 32: peak RSS grew {grown / 2**20:.1f} MiB for {weights / 2**20:.1f} MiB of weights + "
           f"{cache / 2**20:.1f} MiB of KV cache = {grown / (weights + cache):.2f}x")

@@ -106,7 +106,8 @@ def test_bad_sampling_arguments(kwargs, message):
 def test_sample_py_refuses_bad_sampling_flags():
     ckpt = shared_path("stories260K", "stories260K.pt")
     for flag, message in (("--temperature=-1.0", "temperature must be >= 0"), ("--top_p=0.0", "top_p must be in"),
-                          ("--max_new_tokens=0", "--max_new_tokens must be >= 1")):
+                          ("--max_new_tokens=0", "--max_new_tokens must be >= 1"),
+                          ("--tokens_per_call=0", "--tokens_per_call must be >= 1")):
         proc = run([script("sample.py"), f"--checkpoint={ckpt}", flag], check=False)
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
 
@@ -123,7 +124,7 @@ def test_deepcopy_leaves_the_cache_behind():
 def test_compiled_decode_compiles_once_across_steps_and_calls(stories260k):
     import torch._dynamo
     model, _ = stories260k
-    decode = torch.compile(model.decode_step, fullgraph=True)
+    decode = torch.compile(model.decode_tokens, fullgraph=True)
     first = model.generate_withcache([[1], [1, 14]], 40, temperature=0.0, decode_fn=decode)
     torch._dynamo.config.error_on_recompile = True
     try:  # other prompts, same batch size and cache bucket: not a single recompilation
@@ -143,13 +144,42 @@ def test_compiled_decode_equals_eager_for_few_and_many_rows():
     model = Transformer(ModelArgs(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=70, multiple_of=8,
                                   max_seq_len=64)).eval()
     decode = compile_decode(model)
+    step = torch.compile(model.decode_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
     for batch in (1, 12, 1):
         prompts = [[1 + (i * 7 + j) % 60 for j in range(1 + i % 5)] for i in range(batch)]
         eager = model.generate_withcache(prompts, 40, temperature=0.0)
         assert model.generate_withcache(prompts, 40, temperature=0.0, decode_fn=decode) == eager
         tokens, pos = torch.tensor([[3]] * batch), torch.arange(batch) + 5
         with torch.inference_mode():
-            torch.testing.assert_close(decode(tokens, pos), model.decode_step(tokens, pos), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(step(tokens, pos), model.decode_step(tokens, pos), atol=1e-5, rtol=1e-5)
+
+
+def test_several_tokens_per_call_and_sampling_in_the_compiled_graph():
+    """tokens_per_call=3 (not a divisor of the 8-token stop check nor of the budget) gives the same tokens
+    as one per call, eager and compiled, greedy and sampled: a seeded generator supplies the same
+    uniforms to every path, and the compiled graph samples with them."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=60, multiple_of=8,
+                                  max_seq_len=64)).eval()
+    with torch.no_grad():  # an untrained tied model only repeats its last token: make it say something
+        for p in model.parameters():
+            p.normal_(std=0.3) if p.dim() == 2 else None
+    decode = compile_decode(model)
+    prompts = [[1, 5, 9], [1], [1, 7]]
+    greedy = model.generate_withcache(prompts, 30, temperature=0.0)
+    r, first_new = next((r, k) for k in range(5, 30) for r in range(3) if greedy[r][k] not in greedy[r][:k])
+    stop = greedy[r][first_new]  # greedy row r stops after first_new tokens
+    for sampling in (dict(temperature=0.0), dict(temperature=1.0, top_k=20, top_p=0.9)):
+        runs = [model.generate_withcache(prompts, 25, eos_id=stop, generator=torch.Generator().manual_seed(3),
+                                         decode_fn=fn, tokens_per_call=k, **sampling)
+                for fn, k in ((None, 1), (None, 3), (decode, 3))]
+        assert runs[0] == runs[1] == runs[2]
+        if sampling["temperature"] == 0.0:
+            assert len(runs[0][r]) == first_new and max(map(len, runs[0])) > first_new
+        else:
+            assert len(set(map(tuple, runs[0]))) == 3  # sampled rows differ
+    with pytest.raises(ValueError, match="tokens_per_call must be >= 1"):
+        model.generate_withcache(prompts, 5, tokens_per_call=0)
 
 
 def test_golden_story_with_compiled_decode(greedy_text, tmp_path):
