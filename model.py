@@ -381,7 +381,7 @@ class Transformer(nn.Module):
         (B,), sample the next token of each row with its uniform of that step (uniforms (B, K), ignored when
         greedy), feed that, and so on. Returns the K new tokens (B, K). Sampling happens here, inside what
         compile_decode compiles, so a compiled call is the whole step; K > 1 also spreads torch.compile's
-        fixed cost per call (~0.15 ms on a 2-core CPU) over K tokens."""
+        fixed cost per call (~0.2 ms on a 2-core CPU) over K tokens."""
         new_tokens = []
         for i in range(uniforms.size(1)):
             logits = self.decode_step(tokens, input_pos + i)

@@ -122,7 +122,8 @@ def main():
         print(enc.decode(p + out))
     n_tokens = sum(len(o) for o in outputs)
     print(f"[{len(outputs)} samples, {n_tokens} tokens in {dt:.2f}s: {n_tokens / dt:,.0f} tok/s on {dev}"
-          f"{', compiled' if compile else ''}{f', {tokens_per_call} tokens per call' if tokens_per_call > 1 else ''}]",
+          f"{', compiled (the time includes compiling)' if compile else ''}"
+          f"{f', {tokens_per_call} tokens per call' if tokens_per_call > 1 else ''}]",
           file=sys.stderr)
 
 
