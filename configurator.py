@@ -6,9 +6,11 @@ settings as module-level globals and calls
 
 Each argument is either a config file (a Python file of `key = value` lines, executed in the script's
 globals) or `--key=value`, where value is a Python literal (`--lr=3e-4`, `--compile=False`) or a bare
-string (`--out_dir=out`). A setting whose default is "auto" also takes True/False. Unknown keys, malformed arguments and values of the wrong type stop the
-script with a one-line error; an int is accepted where a float is expected.
+string (`--out_dir=out`). A setting whose default is "auto" also takes True/False. Unknown keys (with the
+closest known ones suggested), malformed arguments and values of the wrong type stop the script with a
+one-line error; an int is accepted where a float is expected.
 """
+import difflib
 import os
 import sys
 from ast import literal_eval
@@ -39,8 +41,10 @@ def _convert(key, value: str, default):
 
 def apply(config: dict, argv, keys=None):
     """Apply config files and --key=value overrides from argv to the dict config (a script's
-    globals()). keys: the names that may be set (default: the existing keys of config)."""
+    globals()). keys: the names that may be set (default: the existing keys of config). Returns the set of
+    keys that --key=value arguments set (config files are trusted to know what they set)."""
     keys = set(config if keys is None else keys)
+    overridden = set()
     for arg in argv:
         if not arg.startswith("--"):
             if not os.path.isfile(arg):
@@ -55,15 +59,20 @@ def apply(config: dict, argv, keys=None):
             raise ConfigError(f"malformed argument {arg!r}: write --key=value")
         key, value = arg[2:].split("=", 1)
         if key not in keys:
-            raise ConfigError(f"unknown config key --{key}; known keys: {', '.join(sorted(keys))}")
+            close = difflib.get_close_matches(key, sorted(keys), n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join('--' + k for k in close)}?" if close else \
+                " (the settings are the globals at the top of the script)"
+            raise ConfigError(f"unknown config key --{key}{hint}")
         config[key] = _convert(key, value, config[key])
+        overridden.add(key)
         print(f"Overriding: {key} = {config[key]!r}", file=sys.stderr)
+    return overridden
 
 
 def apply_or_exit(config: dict, argv, keys=None):
     """apply(), but a bad argument ends the program with a one-line error and exit code 2."""
     try:
-        apply(config, argv, keys)
+        return apply(config, argv, keys)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

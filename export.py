@@ -21,7 +21,7 @@ import sys
 import numpy as np
 import torch
 
-from model import ModelArgs, Transformer, load_model_state, model_args_from_checkpoint
+from model import ModelArgs, Transformer
 from utils import atomic_write, load_checkpoint
 
 MAGIC = 0x616B3432  # "ak42" in ASCII: llama2.c's versioned .bin header
@@ -59,10 +59,6 @@ def _versioned_order(model: Transformer):
     return norms, mats
 
 
-def _shared_classifier(model):
-    return torch.equal(model.tok_embeddings.weight, model.output.weight)
-
-
 def _header(p: ModelArgs, shared: bool, signed_vocab: bool):
     vocab = p.vocab_size if shared or not signed_vocab else -p.vocab_size
     return struct.pack("iiiiiii", p.dim, p.hidden_dim, p.n_layers, p.n_heads, p.n_kv_heads, vocab, p.max_seq_len)
@@ -79,7 +75,7 @@ def quantize_q80(w: torch.Tensor, group_size: int):
 
 def export_bin(model: Transformer, path: str, version: int, group_size: int = 64):
     p = model.params
-    shared = _shared_classifier(model)
+    shared = p.tie_embeddings
     with atomic_write(path) as f:
         if version == 0:
             f.write(_header(p, shared, signed_vocab=True))
@@ -135,7 +131,7 @@ def load_bin(path: str) -> Transformer:
         vocab = abs(vocab)
     try:
         args = ModelArgs(dim=dim, hidden_dim=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
-                         vocab_size=vocab, max_seq_len=seq)
+                         vocab_size=vocab, max_seq_len=seq, tie_embeddings=shared)
     except (ValueError, ZeroDivisionError) as e:
         raise FormatError(f"{path}: not a llama2.c model (header says {e})") from None
     if not (0 < dim <= 1 << 16 and 0 < hidden <= 1 << 18 and 0 < n_layers <= 1024 and 0 < vocab <= 1 << 20
@@ -144,8 +140,6 @@ def load_bin(path: str) -> Transformer:
     model = Transformer(args)
     if version == 2 and (group_size is None or group_size <= 0 or dim % group_size):
         raise FormatError(f"{path}: Q8_0 group size {group_size} does not divide dim={dim}")
-    if not shared:  # its own classifier: untie it from the embedding
-        model.output.weight = torch.nn.Parameter(torch.empty(vocab, dim))
     # the read plan: (tensor or None to skip, encoding) in file order
     if version == 0:
         rope = [(None, 4 * seq * args.head_dim // 2)] * 2  # stored RoPE tables: recomputed, skipped
@@ -222,7 +216,7 @@ def to_hf_state_dict(model: Transformer):
         sd[pre + "mlp.up_proj.weight"] = l.feed_forward.w3.weight
         sd[pre + "input_layernorm.weight"] = l.attention_norm.weight
         sd[pre + "post_attention_layernorm.weight"] = l.ffn_norm.weight
-    if not _shared_classifier(model):
+    if not p.tie_embeddings:
         sd["lm_head.weight"] = model.output.weight
     return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
@@ -260,10 +254,11 @@ def load_hf(folder: str) -> Transformer:
     n_heads = cfg["num_attention_heads"]
     n_kv = cfg.get("num_key_value_heads", n_heads)
     rope = cfg.get("rope_parameters") or {}
+    tied = cfg.get("tie_word_embeddings", True) and "lm_head.weight" not in hf
     args = ModelArgs(dim=cfg["hidden_size"], hidden_dim=cfg["intermediate_size"], n_layers=cfg["num_hidden_layers"],
                      n_heads=n_heads, n_kv_heads=n_kv, vocab_size=cfg["vocab_size"],
                      max_seq_len=cfg.get("max_position_embeddings", 2048), norm_eps=cfg.get("rms_norm_eps", 1e-5),
-                     rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+                     rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)), tie_embeddings=tied)
     sd = {"tok_embeddings.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
     for i in range(args.n_layers):
         pre = f"model.layers.{i}."
@@ -276,16 +271,59 @@ def load_hf(folder: str) -> Transformer:
         sd[f"layers.{i}.feed_forward.w3.weight"] = hf[pre + "mlp.up_proj.weight"]
         sd[f"layers.{i}.attention_norm.weight"] = hf[pre + "input_layernorm.weight"]
         sd[f"layers.{i}.ffn_norm.weight"] = hf[pre + "post_attention_layernorm.weight"]
-    model = Transformer(args)
-    tied = cfg.get("tie_word_embeddings", True) and "lm_head.weight" not in hf
     if not tied:
-        model.output.weight = torch.nn.Parameter(hf["lm_head.weight"].float().clone())
         sd["output.weight"] = hf["lm_head.weight"]
+    model = Transformer(args)
     load_model_state(model, {k: v.float() for k, v in sd.items()})
     return model
 
 
 # -----------------------------------------------------------------------------
+# checkpoints of this repository (llama2.c's layout: model, model_args, iter_num, best_val_loss, config)
+
+def clean_state_dict(state_dict):
+    """Strip the prefixes that torch.compile ("_orig_mod.") and DDP ("module.") add to keys."""
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("_orig_mod.", "module."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def model_args_from_checkpoint(checkpoint) -> ModelArgs:
+    """The ModelArgs a checkpoint was trained with. Checkpoints from before the tie_embeddings flag (and
+    llama2.c's) are tied unless their classifier differs from their embedding."""
+    fields = ModelArgs.__dataclass_fields__
+    args = {k: v for k, v in checkpoint["model_args"].items() if k in fields}
+    if "tie_embeddings" not in args:
+        sd = clean_state_dict(checkpoint["model"])
+        out = sd.get("output.weight")
+        args["tie_embeddings"] = out is None or torch.equal(out, sd["tok_embeddings.weight"])
+    return ModelArgs(**args)
+
+
+def load_model_state(model: Transformer, state_dict):
+    """Load a checkpoint's weights into model, refusing any that do not fit. A plain Transformer checkpoint
+    loads into a TransformerWithValueHead (the value head keeps its fresh init) and vice versa (it is
+    dropped). A tied model takes only a checkpoint whose classifier is its embedding (or absent)."""
+    state_dict = clean_state_dict(state_dict)
+    emb, out = state_dict.get("tok_embeddings.weight"), state_dict.get("output.weight")
+    if model.params.tie_embeddings and emb is not None:
+        if out is not None and not torch.equal(out, emb):
+            raise ValueError("the checkpoint has its own classifier (output.weight differs from tok_embeddings.weight) "
+                             "but the model ties them: build it with ModelArgs(tie_embeddings=False)")
+        state_dict["output.weight"] = emb  # some exporters keep only the embedding
+    if not model.params.tie_embeddings and out is None:
+        raise ValueError("the model has its own classifier but the checkpoint has no output.weight: "
+                         "build it with ModelArgs(tie_embeddings=True)")
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if not k.startswith("value_head.")]
+    unexpected = [k for k in unexpected if not k.startswith("value_head.")]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+
 
 def load_model(path: str):
     """Any supported checkpoint -> (Transformer in eval mode, the checkpoint's config dict or {})."""

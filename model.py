@@ -1,19 +1,22 @@
 """
 A Llama-style Transformer in plain PyTorch: RMSNorm pre-norm, SwiGLU, RoPE, grouped-query attention,
-a static KV cache for fast generation, and a value head for PPO.
+a static KV cache for generation, and a value head for PPO. The model only: sampling and the generation
+loops are in generate.py, checkpoint loading in export.py.
 
 Parameter names are Meta's / llama2.c's (tok_embeddings, layers.N.attention.wq/wk/wv/wo,
 feed_forward.w1/w2/w3, attention_norm, ffn_norm, norm, output), so checkpoints map 1:1.
 
-Read it top to bottom: ModelArgs -> RMSNorm -> RoPE -> KVCache -> Attention -> FeedForward ->
-TransformerBlock -> Transformer (training forward, optimizer, generation) -> TransformerWithValueHead.
+Read it top to bottom: ModelArgs -> ModelOutput -> RMSNorm -> RoPE -> KVCache -> Linear -> Attention ->
+FeedForward -> TransformerBlock -> Transformer -> TransformerWithValueHead.
+
+There is one forward path. Without input_pos it is a training forward over positions 0..T-1. With
+input_pos, the positions of the tokens, keys and values are written into the KV cache: T > 1 tokens from
+position 0 is a prefill, one token per row a decode step that attends to everything cached before it.
 """
-import contextlib
-import copy
 import inspect
 import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,15 +35,14 @@ class ModelArgs:
     multiple_of: int = 32  # SwiGLU hidden size is rounded up to a multiple of this
     norm_eps: float = 1e-5
     max_seq_len: int = 256
-    max_batch_size: int = 32  # default batch of the KV cache in generation (PPO rollouts)
     dropout: float = 0.0
     rope_theta: float = 10000.0
+    tie_embeddings: bool = True  # the classifier is the embedding matrix (llama2.c's "shared classifier")
 
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
-                     "max_seq_len", "max_batch_size"):
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.dim % self.n_heads:
@@ -59,6 +61,13 @@ class ModelArgs:
     @property
     def head_dim(self):
         return self.dim // self.n_heads
+
+
+class ModelOutput(NamedTuple):
+    """What every forward returns; read it by name (out.logits, out.loss, out.values)."""
+    logits: torch.Tensor  # (B, T, vocab_size)
+    loss: Optional[torch.Tensor] = None  # mean next-token cross entropy over targets != -1, when targets are given
+    values: Optional[torch.Tensor] = None  # (B, T) value estimates: TransformerWithValueHead only
 
 
 class RMSNorm(nn.Module):
@@ -109,32 +118,49 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos, k, v):
-        """Prefill: write k, v (B, H_kv, T, D) at positions input_pos (T,), the same for every row."""
-        self.k[: k.size(0)].index_copy_(2, input_pos, k)
-        self.v[: v.size(0)].index_copy_(2, input_pos, v)
-
-    def update_rows(self, input_pos, k, v):
-        """Decode: write one position per row, k, v (B, H_kv, 1, D) at input_pos (B,) (ragged rows each
-        advance from their own prompt end). Returns the whole cache."""
-        rows = torch.arange(k.size(0), device=k.device)
-        self.k[rows, :, input_pos] = k[:, :, 0]
-        self.v[rows, :, input_pos] = v[:, :, 0]
-        return self.k, self.v
+        """Write k, v (B, H_kv, T, D) at positions input_pos (B, T): each row at its own positions (ragged
+        rows each advance from their own prompt end)."""
+        rows = torch.arange(k.size(0), device=k.device)[:, None]
+        # two advanced indices around a slice index (B, T, H_kv, D): the layout of k.transpose(1, 2)
+        self.k[rows, :, input_pos] = k.transpose(1, 2)
+        self.v[rows, :, input_pos] = v.transpose(1, 2)
 
 
-def decode_linear(x, weight):
-    """x @ weight.T for the few rows of a decode step, x (B, in) -> (B, out), in the form that runs
-    fastest. A decode step is one matrix-vector product per row, and the plain x @ weight.T call
-    is not the fastest form of it (bench/bench_generate.py; 2-core AMD EPYC, MKL):
-    - compiled, up to 8 rows: a broadcast multiply-sum, which inductor turns into one fused kernel
-      streaming each weight row once (MKL's gemv reads a (out, in) weight at a third of memory speed);
-    - more than 8 rows: weight @ x.T, the GEMM orientation MKL runs ~1.5x faster here.
-    All forms compute the same sums; results agree to float rounding."""
-    if x.size(0) > 8:
-        return (weight @ x.t()).t()
-    if torch.compiler.is_compiling():
-        return (x[:, None, :] * weight).sum(-1)
-    return F.linear(x, weight)
+# -----------------------------------------------------------------------------
+# A decode step multiplies a few rows by every weight matrix: one matrix-vector product per row, bound by
+# how fast the weights stream from memory. The plain x @ W.T is not the fastest form of that on a CPU
+# (bench/bench_generate.py; 2-core AMD EPYC, MKL: the 32000x288 classifier takes 3.8 ms at batch 1 as
+# x @ W.T, 1.2 ms for the same bytes in the other orientation). So for one position per row:
+#   - compiled, up to FUSED_MATVEC_MAX_ROWS rows: a broadcast multiply-sum, which inductor fuses into one
+#     loop streaming each weight row once (also used for attention over the cache);
+#   - more than FUSED_MATVEC_MAX_ROWS rows: W @ x.T, the GEMM orientation MKL runs ~1.5x faster here;
+#   - otherwise (eager, few rows) F.linear: the multiply-sum would materialise rows x out x in.
+# All forms compute the same sums; results agree to float rounding (tested eager against compiled).
+FUSED_MATVEC_MAX_ROWS = 8
+
+
+def fused_matvec(rows: int) -> bool:
+    return rows <= FUSED_MATVEC_MAX_ROWS and torch.compiler.is_compiling()
+
+
+class Linear(nn.Linear):
+    """nn.Linear without bias whose inputs with one position per row (decode steps) take the fastest form
+    above; inputs with several positions (training, prefill) run as F.linear."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        if x.dim() < 2 or x.size(-2) != 1:
+            return F.linear(x, self.weight)
+        rows = x.reshape(-1, x.size(-1))  # (B, 1, in) -> (B, in)
+        if rows.size(0) > FUSED_MATVEC_MAX_ROWS:
+            y = (self.weight @ rows.t()).t()
+        elif fused_matvec(rows.size(0)):
+            y = (rows[:, None, :] * self.weight).sum(-1)
+        else:
+            y = F.linear(rows, self.weight)
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 class Attention(nn.Module):
@@ -142,17 +168,17 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.n_rep = self.n_heads // self.n_kv_heads
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, args.n_heads * self.head_dim)
+        self.wk = Linear(args.dim, args.n_kv_heads * self.head_dim)
+        self.wv = Linear(args.dim, args.n_kv_heads * self.head_dim)
+        self.wo = Linear(args.n_heads * self.head_dim, args.dim)
         self.resid_dropout = nn.Dropout(args.dropout)
         self.dropout = args.dropout
         self.kv_cache: Optional[KVCache] = None  # created by Transformer.setup_caches, only to generate
 
-    def forward(self, x, cos, sin, input_pos=None):
-        """Causal attention over the T positions of x (B, T, dim): training, and prefill, which also
-        writes the keys/values at input_pos (T,) into the cache."""
+    def forward(self, x, cos, sin, input_pos=None, cache_mask=None):
+        """x (B, T, dim). With input_pos (B, T) the keys/values are also written into the cache; a decode
+        step (T == 1) then attends to the whole cache through cache_mask (B, 1, 1, cache_len)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -161,81 +187,67 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if input_pos is not None:
             self.kv_cache.update(input_pos, k, v)
-        # no materialised mask: SDPA picks its fused causal kernel
-        y = F.scaled_dot_product_attention(q, repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep),
-                                           dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        if cache_mask is None:
+            # training, or a prefill from position 0: the T positions here are all there is to attend to.
+            # No materialised mask: SDPA picks its fused causal kernel.
+            y = F.scaled_dot_product_attention(q, repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep),
+                                               dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        else:
+            y = self.attend_to_cache(q, cache_mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.resid_dropout(self.wo(y))
 
-    def decode(self, x, cos, sin, input_pos, mask):
-        """One new token per row: x (B, dim) at per-row positions input_pos (B,), attending to the
-        whole cache through mask (B, 1, 1, cache_len). No dropout: this is generation."""
-        B = x.size(0)
-        q = decode_linear(x, self.wq.weight).view(B, 1, self.n_heads, self.head_dim)
-        k = decode_linear(x, self.wk.weight).view(B, 1, self.n_kv_heads, self.head_dim)
-        v = decode_linear(x, self.wv.weight).view(B, 1, self.n_kv_heads, self.head_dim)
-        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        k_all, v_all = self.kv_cache.update_rows(input_pos, k.transpose(1, 2), v.transpose(1, 2))
-        # the n_rep query heads that share a key/value head are grouped, so the cache is read in
-        # place (repeat_kv would copy all of it every step)
-        qg = q.view(B, self.n_kv_heads, self.n_rep, self.head_dim)
-        few_rows = torch.compiler.is_compiling() and B <= 8  # as in decode_linear: fused loops beat bmm calls
-        if few_rows:
-            scores = (qg[:, :, :, None, :] * k_all[:, :, None]).sum(-1)
-        else:
-            scores = qg @ k_all.transpose(-1, -2)
-        scores = (scores * (1.0 / math.sqrt(self.head_dim))).masked_fill(~mask, float("-inf"))  # beyond each row
+    def attend_to_cache(self, q, cache_mask):
+        """One query per row, q (B, H, 1, D), against every cached position that cache_mask allows. The
+        n_rep query heads sharing a key/value head are grouped, so the cache is read in place (repeat_kv
+        would copy all of it every step)."""
+        B = q.size(0)
+        k, v = self.kv_cache.k, self.kv_cache.v  # (B, H_kv, cache_len, D)
+        qg = q.reshape(B, self.n_kv_heads, self.n_rep, self.head_dim)
+        fused = fused_matvec(B)
+        scores = (qg[:, :, :, None, :] * k[:, :, None]).sum(-1) if fused else qg @ k.transpose(-1, -2)
+        scores = (scores * (1.0 / math.sqrt(self.head_dim))).masked_fill(~cache_mask, float("-inf"))
         probs = F.softmax(scores.float(), dim=-1).type_as(qg)
-        y = (probs[..., None] * v_all[:, :, None]).sum(-2) if few_rows else probs @ v_all
-        return decode_linear(y.view(B, self.n_heads * self.head_dim), self.wo.weight)
+        y = (probs[..., None] * v[:, :, None]).sum(-2) if fused else probs @ v  # (B, H_kv, n_rep, D)
+        return y.view(B, self.n_heads, 1, self.head_dim)
 
 
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, dropout: float):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w1 = Linear(dim, hidden_dim)
+        self.w2 = Linear(hidden_dim, dim)
+        self.w3 = Linear(dim, hidden_dim)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
         return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))  # SwiGLU
 
-    def decode(self, x):
-        return decode_linear(F.silu(decode_linear(x, self.w1.weight)) * decode_linear(x, self.w3.weight),
-                             self.w2.weight)
-
 
 class TransformerBlock(nn.Module):
-    def __init__(self, layer_id: int, args: ModelArgs):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        self.layer_id = layer_id
         self.attention = Attention(args)
         self.feed_forward = FeedForward(args.dim, args.hidden_dim, args.dropout)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, cos, sin, input_pos=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos)
+    def forward(self, x, cos, sin, input_pos=None, cache_mask=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, cache_mask)
         return h + self.feed_forward(self.ffn_norm(h))
-
-    def decode(self, x, cos, sin, input_pos, mask):
-        h = x + self.attention.decode(self.attention_norm(x), cos, sin, input_pos, mask)
-        return h + self.feed_forward.decode(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
     def __init__(self, params: ModelArgs):
         super().__init__()
         self.params = params
-        self.vocab_size = params.vocab_size
-        self.n_layers = params.n_layers
         self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
         self.dropout = nn.Dropout(params.dropout)
-        self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
-        self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
-        self.output.weight = self.tok_embeddings.weight  # weight tying (llama2.c); one tensor in state_dict
+        self.output = Linear(params.dim, params.vocab_size)
+        if params.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight  # one tensor, saved under both names
 
         cos, sin = precompute_freqs_cis(params.head_dim, params.max_seq_len, params.rope_theta)
         self.register_buffer("freqs_cos", cos, persistent=False)
@@ -256,26 +268,36 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    # --- training ------------------------------------------------------------------------------
-    def hidden_states(self, tokens):
-        """Final normalised hidden states (B, T, dim) of a full causal forward, no cache."""
-        T = tokens.size(1)
-        if T > self.params.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens is longer than max_seq_len={self.params.max_seq_len}")
+    def hidden_states(self, tokens, input_pos=None):
+        """The final normalised hidden states (B, T, dim) of tokens (B, T): the one loop over the layers.
+        input_pos=None: a causal forward over positions 0..T-1 without the cache (training). input_pos (B, T):
+        the tokens' positions, each row its own; keys and values go into the cache (see setup_caches)."""
+        B, T = tokens.shape
+        if input_pos is None:
+            if T > self.params.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens is longer than max_seq_len={self.params.max_seq_len}")
+            cos, sin = self.freqs_cos[:T].view(1, T, 1, -1), self.freqs_sin[:T].view(1, T, 1, -1)
+        else:
+            cos, sin = self.freqs_cos[input_pos][:, :, None], self.freqs_sin[input_pos][:, :, None]
+        cache_mask = None
+        if input_pos is not None and T == 1:  # a decode step: attend to every cached position up to its own
+            cached = torch.arange(self.cache_shape[1], device=tokens.device)
+            cache_mask = (cached <= input_pos).view(B, 1, 1, -1)
         h = self.dropout(self.tok_embeddings(tokens))
-        cos, sin = self.freqs_cos[:T].view(1, T, 1, -1), self.freqs_sin[:T].view(1, T, 1, -1)
         for layer in self.layers:
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, input_pos, cache_mask)
         return self.norm(h)
 
-    def forward(self, tokens, targets=None):
-        """Returns (logits (B, T, vocab), loss). loss is the mean next-token cross entropy over targets
-        != -1 when targets are given, else None."""
-        logits = self.output(self.hidden_states(tokens))
+    def head(self, h, targets=None) -> ModelOutput:
+        """Logits of hidden states h (B, T, dim), and the cross entropy against targets when given."""
+        logits = self.output(h)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
-        return logits, loss
+        return ModelOutput(logits, loss)
+
+    def forward(self, tokens, targets=None, input_pos=None) -> ModelOutput:
+        return self.head(self.hidden_states(tokens, input_pos), targets)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         params = [p for p in self.parameters() if p.requires_grad]
@@ -298,23 +320,7 @@ class Transformer(nn.Module):
         flops_per_token = 6 * N + 12 * L * H * Q * T
         return flops_per_token * T * fwdbwd_per_iter / dt / peak_flops
 
-    # --- generation ----------------------------------------------------------------------------
-    @torch.inference_mode()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_id=None):
-        """The slow reference: a full forward over the whole context for every new token (no cache).
-        idx: (B, T) LongTensor; returns (B, T + n) with n <= max_new_tokens (stops early when every
-        row has produced eos_id)."""
-        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.params.max_seq_len:])
-            next_token = sample_top_k_top_p(logits[:, -1], top_k, top_p, temperature)
-            idx = torch.cat((idx, next_token), dim=1)
-            if eos_id is not None:
-                done |= next_token[:, 0] == eos_id
-                if done.all():
-                    break
-        return idx
-
+    # --- the KV cache ---------------------------------------------------------------------------
     def setup_caches(self, max_batch_size, max_seq_len, dtype=None, device=None):
         """Allocate a KV cache for max_batch_size rows and max_seq_len positions, or keep the current one when
         it has that many rows and at least that many positions: the cache only grows, so a compiled decode
@@ -331,168 +337,14 @@ class Transformer(nn.Module):
         self.cache_shape = (max_batch_size, max_seq_len)
 
     def clear_caches(self):
+        """Drop the KV cache (its memory), e.g. before copy.deepcopy of a model that has generated."""
         for layer in self.layers:
             layer.attention.kv_cache = None
         self.cache_shape = None
 
-    def __deepcopy__(self, memo):
-        """A copy without the KV cache (e.g. a frozen PPO reference): caches belong to one generator."""
-        caches, shape = [layer.attention.kv_cache for layer in self.layers], self.cache_shape
-        self.clear_caches()
-        self.__deepcopy__ = None  # take the default deepcopy path for this one call
-        try:
-            twin = copy.deepcopy(self, memo)
-        finally:
-            del self.__deepcopy__
-            for layer, cache in zip(self.layers, caches):
-                layer.attention.kv_cache = cache
-            self.cache_shape = shape
-        del twin.__deepcopy__
-        return twin
-
-    def prefill(self, tokens, last_pos):
-        """Run right-padded prompts (B, T) through the model at positions 0..T-1, filling the cache.
-        Returns the logits (B, vocab) at each row's last prompt position last_pos (B,)."""
-        B, T = tokens.shape
-        input_pos = torch.arange(T, device=tokens.device)
-        cos, sin = self.freqs_cos[:T].view(1, T, 1, -1), self.freqs_sin[:T].view(1, T, 1, -1)
-        h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, cos, sin, input_pos)
-        h = h[torch.arange(B, device=h.device), last_pos]  # only the positions we sample from
-        return decode_linear(self.norm(h), self.output.weight).float()
-
-    def decode_step(self, tokens, input_pos):
-        """One new token per row: tokens (B, 1) at per-row positions input_pos (B,). Returns the logits
-        (B, vocab). Static shapes (a cache-sized mask), so it compiles once and replays for every step
-        and call. Rows past the end of the cache (finished rows that keep decoding) write its last slot."""
-        seq_len = self.cache_shape[1]
-        input_pos = input_pos.clamp(max=seq_len - 1)
-        mask = (torch.arange(seq_len, device=tokens.device) <= input_pos[:, None]).view(-1, 1, 1, seq_len)
-        cos = self.freqs_cos[input_pos].view(-1, 1, 1, self.freqs_cos.size(-1))
-        sin = self.freqs_sin[input_pos].view(-1, 1, 1, self.freqs_sin.size(-1))
-        h = self.tok_embeddings(tokens[:, 0])
-        for layer in self.layers:
-            h = layer.decode(h, cos, sin, input_pos, mask)
-        return decode_linear(self.norm(h), self.output.weight).float()
-
-    def decode_tokens(self, tokens, input_pos, uniforms, temperature=0.0, top_k=0, top_p=1.0):
-        """K = uniforms.size(1) decode steps in one call: feed tokens (B, 1) at per-row positions input_pos
-        (B,), sample the next token of each row with its uniform of that step (uniforms (B, K), ignored when
-        greedy), feed that, and so on. Returns the K new tokens (B, K). Sampling happens here, inside what
-        compile_decode compiles, so a compiled call is the whole step; K > 1 also spreads torch.compile's
-        fixed cost per call (~0.2 ms on a 2-core CPU) over K tokens."""
-        new_tokens = []
-        for i in range(uniforms.size(1)):
-            logits = self.decode_step(tokens, input_pos + i)
-            tokens = sample_top_k_top_p(logits, top_k, top_p, temperature, uniform=uniforms[:, i])
-            new_tokens.append(tokens)
-        return torch.cat(new_tokens, dim=1)
-
-    @torch.inference_mode()
-    def generate_withcache(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
-                           top_k: int = 0, top_p: float = 1.0, eos_id: Optional[int] = None,
-                           echo: bool = False, device=None, decode_fn=None, generator=None,
-                           tokens_per_call: int = 1) -> List[List[int]]:
-        """Batched KV-cache generation for prompts of different lengths.
-
-        Each row gets at most max_gen_len new tokens, stops at eos_id (an id or a list of ids; not
-        included in the output) or
-        when the context (max_seq_len) is full, and equals what its prompt produces alone under greedy
-        decoding. Rows are right-padded; every row decodes at its own position, so no row waits for or
-        is padded by another. Returns new tokens per row (prompt + new tokens with echo=True).
-        decode_fn: optional replacement for self.decode_tokens, e.g. compile_decode(model).
-        tokens_per_call: decode steps per decode_fn call (the same tokens for any value; a compiled
-        decode_fn compiles once per value). Sampling draws one uniform per row and token from generator
-        (default: torch's global generator), so a seed gives the same stories eager or compiled."""
-        check_sampling_args(temperature, top_k, top_p)
-        if max_gen_len < 1:
-            raise ValueError(f"max_gen_len must be >= 1, got {max_gen_len}")
-        if tokens_per_call < 1:
-            raise ValueError(f"tokens_per_call must be >= 1, got {tokens_per_call}")
-        if not prompt_tokens or any(len(p) == 0 for p in prompt_tokens):
-            raise ValueError("every prompt needs at least one token (e.g. BOS)")
-        device = device or self.tok_embeddings.weight.device
-        ctx = self.params.max_seq_len
-        lens = [len(p) for p in prompt_tokens]
-        if max(lens) >= ctx:
-            raise ValueError(f"prompt of {max(lens)} tokens leaves no room in the context of max_seq_len={ctx} tokens")
-        B = len(prompt_tokens)
-        n_new = [min(max_gen_len, ctx - n) for n in lens]  # tokens each row may add
-        steps = max(n_new)
-        # positions ever fed: prompt, then every new token but the last; keep the size stable across
-        # calls (multiple of 64) so a compiled decode step is not recompiled for every batch
-        need = max(n + k - 1 for n, k in zip(lens, n_new))
-        self.setup_caches(B, min(ctx, 64 * math.ceil(need / 64)), device=device)
-        decode = decode_fn or self.decode_tokens
-
-        tokens = torch.zeros(B, max(lens), dtype=torch.long, device=device)
-        for i, p in enumerate(prompt_tokens):
-            tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-        lens_t = torch.tensor(lens, device=device)
-        logits = self.prefill(tokens, lens_t - 1)
-
-        def uniforms(k):  # (B, k), drawn step by step so that any tokens_per_call sees the same numbers;
-            # greedy decoding draws nothing, so it leaves the generator as it was
-            return (torch.zeros(B, k, device=device) if temperature == 0.0
-                    else torch.rand(k, B, device=device, generator=generator).t())
-
-        stop_ids = None if eos_id is None else torch.tensor(
-            [eos_id] if isinstance(eos_id, int) else list(eos_id), device=device)
-        K = tokens_per_call
-        out = torch.zeros(B, steps + K, dtype=torch.long, device=device)  # + K: the last call may overshoot
-        limit = torch.tensor(n_new, device=device)  # per-row budget of new tokens
-        # the token fed next; one tensor for the whole loop, so every decode call sees the same strides
-        next_token = sample_top_k_top_p(logits, top_k, top_p, temperature, uniform=uniforms(1)[:, 0]).contiguous()
-        out[:, :1] = next_token
-        with contextlib.ExitStack() as stack:
-            for s in range(1, steps, K):  # s: new tokens so far
-                # finished rows keep decoding harmlessly in place (their output is cut below)
-                new_tokens = decode(next_token, lens_t + s - 1, uniforms(K), temperature, top_k, top_p)
-                out[:, s: s + K] = new_tokens
-                next_token.copy_(new_tokens[:, -1:])
-                if s == 1 and decode_fn is not None and CAN_SKIP_GUARDS:
-                    # dynamo checked its guards on this first call; the later calls pass tensors of the
-                    # same shapes to the same model, so re-checking dozens of guards per call is pure overhead
-                    stack.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
-                if (s + K) // 8 > s // 8 and all_rows_done(out[:, : s + K], stop_ids, limit):
-                    break  # checked every 8 tokens: the loop's only host sync
-
-        result = []
-        out = out.tolist()
-        for i, p in enumerate(prompt_tokens):
-            row = out[i][: n_new[i]]
-            for stop in ([] if stop_ids is None else stop_ids.tolist()):
-                if stop in row:
-                    row = row[: row.index(stop)]
-            result.append(list(p) + row if echo else row)
-        return result
-
-
-# newer torch (2.7+) can skip guard evaluation; generate_withcache does so after the first step of a call
-CAN_SKIP_GUARDS = hasattr(torch.compiler, "set_stance") and \
-    "skip_guard_eval_unsafe" in inspect.signature(torch.compiler.set_stance).parameters
-
-
-def all_rows_done(out, stop_ids, limit):
-    """out (B, s): the tokens so far. True when every row has emitted a stop id or used its budget."""
-    done = limit <= out.size(1)
-    if stop_ids is not None:
-        done |= torch.isin(out, stop_ids).any(1)
-    return bool(done.all())
-
-
-def compile_decode(model: Transformer):
-    """torch.compile the decode steps (Transformer.decode_tokens: forward and sampling) for
-    generate_withcache(decode_fn=...). Static shapes: it compiles once per (batch, cache bucket,
-    tokens_per_call, sampling settings) and replays for every call. cpp_wrapper moves the per-call
-    launch code from Python to C++, which matters when each step is only microseconds of math."""
-    options = {"cpp_wrapper": True} if model.tok_embeddings.weight.device.type == "cpu" else None
-    return torch.compile(model.decode_tokens, fullgraph=True, dynamic=False, options=options)
-
 
 class TransformerWithValueHead(Transformer):
-    """The PPO policy: the language model plus a scalar value per position."""
+    """The PPO policy: the language model plus a scalar value per position (out.values)."""
 
     def __init__(self, params: ModelArgs):
         super().__init__(params)
@@ -500,92 +352,6 @@ class TransformerWithValueHead(Transformer):
         nn.init.normal_(self.value_head.weight, std=0.02)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, tokens, targets=None):
-        """Returns (logits (B, T, vocab), values (B, T), loss or None)."""
-        h = self.hidden_states(tokens)
-        logits = self.output(h)
-        values = self.value_head(h).squeeze(-1)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
-        return logits, values, loss
-
-
-# -----------------------------------------------------------------------------
-# sampling
-
-def check_sampling_args(temperature, top_k, top_p):
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p}")
-
-
-def sample_top_k_top_p(logits, top_k=0, top_p=1.0, temperature=1.0, generator=None, uniform=None):
-    """Draw one token per row from logits (B, V) -> (B, 1).
-
-    temperature 0 is greedy; otherwise keep the top_k logits (0: all), then the smallest set of tokens
-    whose probability reaches top_p (1.0: all), renormalise, and draw once. logits are not modified.
-    The draw is inverse transform sampling with one uniform per row in [0, 1): uniform (B,), or drawn
-    from generator when None. Taking the uniforms as an input lets a compiled decode step sample inside
-    its graph and still follow the caller's generator."""
-    check_sampling_args(temperature, top_k, top_p)
-    if temperature == 0.0:
-        return torch.argmax(logits, dim=-1, keepdim=True)
-    logits = logits.float() / temperature  # a new tensor: the caller's logits stay as they were
-    if 0 < top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    if uniform is None:
-        uniform = torch.rand(probs.size(0), device=probs.device, generator=generator)
-    if top_p < 1.0:
-        probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
-        # drop a token when the tokens ranked above it already hold more than top_p
-        probs_sort = probs_sort.masked_fill(probs_sort.cumsum(-1) - probs_sort > top_p, 0.0)
-        return torch.gather(probs_idx, -1, inverse_cdf(probs_sort, uniform))
-    return inverse_cdf(probs, uniform)
-
-
-def inverse_cdf(weights, uniform):
-    """The index (B, 1) of the first token whose cumulative weight exceeds uniform * total weight: a draw
-    from weights (B, V), which need not sum to 1. A zero-weight token is never chosen: its cumulative
-    weight equals its predecessor's, and the count never reaches past the last token with weight."""
-    cdf = weights.cumsum(-1)
-    total = cdf[:, -1:]
-    target = uniform.to(cdf.dtype)[:, None] * total
-    return ((cdf <= target) & (cdf < total)).sum(-1, keepdim=True)
-
-
-# -----------------------------------------------------------------------------
-# checkpoints
-
-def clean_state_dict(state_dict):
-    """Strip the prefixes that torch.compile ("_orig_mod.") and DDP ("module.") add to keys."""
-    out = {}
-    for k, v in state_dict.items():
-        for prefix in ("_orig_mod.", "module."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
-
-
-def model_args_from_checkpoint(checkpoint) -> ModelArgs:
-    fields = ModelArgs.__dataclass_fields__
-    return ModelArgs(**{k: v for k, v in checkpoint["model_args"].items() if k in fields})
-
-
-def load_model_state(model: Transformer, state_dict):
-    """Load a checkpoint's weights into model. A plain Transformer checkpoint loads into a
-    TransformerWithValueHead (the value head keeps its fresh init) and vice versa (it is dropped)."""
-    state_dict = clean_state_dict(state_dict)
-    if "output.weight" not in state_dict:  # tied: some exporters keep only the embedding
-        state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in missing if not k.startswith("value_head.")]
-    unexpected = [k for k in unexpected if not k.startswith("value_head.")]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    def forward(self, tokens, targets=None, input_pos=None) -> ModelOutput:
+        h = self.hidden_states(tokens, input_pos)
+        return self.head(h, targets)._replace(values=self.value_head(h).squeeze(-1))

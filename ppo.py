@@ -12,24 +12,27 @@ The RL view (see the README): the state is query + response so far, the action t
 reward -kl_coef * (log pi - log pi_ref) on every response token plus the score on the last one; GAE turns
 rewards and values into advantages; the loss is PPO's clipped policy loss + vf_coef * clipped value loss.
 
-Used by `python train.py --ppo=True`; the pieces are importable for other rewards.
+Used by `python train.py --ppo=True`, whose loop calls ppo_iteration() once per iteration; the pieces are
+importable for other rewards.
 """
 import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from generate import generate_withcache
+
 
 @dataclass
 class PPOConfig:
+    # TRL's steps and learning_rate are not here: train.py's max_iters decides the steps, and the optimizer
+    # passed to PPOTrainer owns the learning rate
     seed: int = 0
-    steps: int = 20000  # informational, as in TRL: train.py's max_iters decides
-    learning_rate: float = 1.41e-5  # informational: the optimizer passed in owns the learning rate
     adap_kl_ctrl: bool = True  # adaptive KL coefficient (Ziegler et al.) or a fixed one
     init_kl_coef: float = 0.2
     kl_penalty: str = "kl"  # kl: log p - log q; abs: |kl|; mse: 0.5 kl^2; full: KL of the whole distributions
@@ -189,13 +192,13 @@ def flatten_dict(d, prefix=""):
 # -----------------------------------------------------------------------------
 
 class PPOTrainer:
-    def __init__(self, config: PPOConfig, model, ref_model, tokenizer, optimizer, scaler=None, is_ddp=False,
+    def __init__(self, config: PPOConfig, model, ref_model, optimizer, scaler=None, is_ddp=False,
                  autocast_dtype=None):
-        """model: a TransformerWithValueHead (possibly compiled and/or DDP-wrapped) returning
-        (logits, values, loss); ref_model: a frozen Transformer returning (logits, loss).
+        """model: a TransformerWithValueHead (possibly compiled and/or DDP-wrapped) whose output has logits
+        and values; ref_model: a frozen Transformer (values None).
         autocast_dtype: bf16/fp16 autocast for every forward (old log-probs and training alike)."""
         self.config = config
-        self.model, self.ref_model, self.tokenizer, self.optimizer = model, ref_model, tokenizer, optimizer
+        self.model, self.ref_model, self.optimizer = model, ref_model, optimizer
         self.scaler = scaler if scaler is not None else torch.amp.GradScaler("cpu", enabled=False)
         self.is_ddp = is_ddp
         self.world_size = dist.get_world_size() if is_ddp else 1
@@ -224,9 +227,7 @@ class PPOTrainer:
     def _forward(self, model, input_ids):
         with self.autocast():
             out = model(input_ids)
-        logits = out[0]
-        values = out[1] if len(out) == 3 else None  # the reference model has no value head
-        return logits, values
+        return out.logits, out.values  # values: None for the reference model, which has no value head
 
     def batched_forward_pass(self, model, queries, responses, model_inputs, return_logits=False,
                              response_masks=None):
@@ -434,3 +435,32 @@ class PPOTrainer:
         for k, v in stack_dicts(train_stats).items():
             stats[f"ppo/{k}"] = v
         return stats
+
+
+# -----------------------------------------------------------------------------
+# one iteration of the seed's loop (section 3.2.1): queries -> rollouts -> rewards -> PPO step
+
+def ppo_iteration(trainer: PPOTrainer, policy, queries: List[List[int]], reward_fn: Callable[[int], float],
+                  max_gen_len: int, stop_id: int, decode_fn=None) -> dict:
+    """Generate a response to each query with the KV-cache generator (temperature 1, no top-k/top-p, dropout
+    off), score each story (query + response, without the end token) with reward_fn(length), and take one
+    PPO step. policy: the plain module (trainer.model may be its compiled or DDP wrapper).
+    A response that stopped keeps its end token: choosing to stop is the very action the length reward
+    judges, so it must receive its share of the advantage. Returns step()'s stats plus the rollouts'."""
+    device = trainer.device
+    t0 = time.time()
+    policy.eval()
+    responses = generate_withcache(policy, queries, max_gen_len, temperature=1.0, top_k=0, top_p=1.0,
+                                   eos_id=stop_id, device=device, decode_fn=decode_fn, keep_stop_token=True)
+    policy.train()
+    rollout_s = time.time() - t0
+    ended = [len(r) > 0 and r[-1] == stop_id for r in responses]
+    lengths = [len(q) + len(r) - e for q, r, e in zip(queries, responses, ended)]
+    scores = [reward_fn(n) for n in lengths]
+    stats = trainer.step([torch.tensor(q, device=device) for q in queries],
+                         [torch.tensor(r, device=device) for r in responses],
+                         [torch.tensor(s, device=device) for s in scores])
+    n = len(queries)
+    stats.update({"reward_mean": sum(scores) / n, "length_mean": sum(lengths) / n, "ended_frac": sum(ended) / n,
+                  "rollout_s": rollout_s, "rollout_tok_per_s": sum(len(r) for r in responses) / rollout_s})
+    return stats

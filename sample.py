@@ -1,6 +1,7 @@
 """
-Sample stories from a trained model with the KV-cache generator.
+Sample stories from a trained model with the KV-cache generator (generate.py).
 
+    python sample.py                                     # out/ckpt.pt, or the bundled stories260K without it
     python sample.py --checkpoint=stories260K/stories260K.pt --tokenizer=stories260K/tok512.model \\
         --temperature=0.0 --max_new_tokens=500          # greedy: the seed's story, byte for byte
     python sample.py --checkpoint=out/ckpt.pt --start="Once upon a time" --num_samples=8 --batch=True
@@ -19,10 +20,10 @@ import torch
 
 import configurator
 from export import FormatError, load_model
-from model import compile_decode
-from tinystories import get_tokenizer_model_path
-from tokenizer import Tokenizer
-from utils import pick_device, pick_dtype
+from generate import compile_decode, generate_withcache
+from utils import DTYPES, fail, find_tokenizer, load_tokenizer, pick_device, pick_dtype
+
+BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stories260K", "stories260K.pt")
 
 # -----------------------------------------------------------------------------
 checkpoint = "out/ckpt.pt"  # a .pt, a llama2.c .bin (versions 0-2) or a Hugging Face folder
@@ -40,54 +41,32 @@ dtype = "auto"
 compile = False  # torch.compile the decode step (worth it for long or many samples)
 tokens_per_call = 1  # decode steps per compiled call: 4 is ~1.7x faster for tiny models at batch 1, compiles ~4x longer
 # -----------------------------------------------------------------------------
-configurator.apply_or_exit(globals(), sys.argv[1:])
-
-
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(1)
-
-
-def find_tokenizer(ckpt_path, config, vocab_size):
-    if tokenizer:
-        return tokenizer
-    if config.get("tokenizer"):
-        candidates = [config["tokenizer"]]
-    elif config.get("vocab_source", "custom") == "llama2" or vocab_size == 32000:
-        candidates = ["tokenizer.model"]
-    else:
-        candidates = []
-    folder = ckpt_path if os.path.isdir(ckpt_path) else os.path.dirname(ckpt_path)
-    candidates += [os.path.join(folder, f"tok{vocab_size}.model"), os.path.join(folder, "tokenizer.model"),
-                   get_tokenizer_model_path(vocab_size)]
-    for path in candidates:
-        if os.path.isfile(path):
-            return path
-    fail(f"no tokenizer found for {ckpt_path} (tried {', '.join(candidates)}): pass --tokenizer=path/to/tok.model")
+overridden = configurator.apply_or_exit(globals(), sys.argv[1:])
 
 
 def main():
+    ckpt_path = checkpoint
+    if "checkpoint" not in overridden and not os.path.exists(ckpt_path) and os.path.exists(BUNDLED):
+        print(f"{ckpt_path} not found: sampling from the bundled stories260K ({os.path.relpath(BUNDLED)})",
+              file=sys.stderr)
+        ckpt_path = BUNDLED
     for name in ("max_new_tokens", "num_samples", "tokens_per_call"):
         if globals()[name] < 1:
             fail(f"--{name} must be >= 1, got {globals()[name]}")
     try:
         dev = pick_device(device)
-        ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                   "float16": torch.float16}[pick_dtype(dtype, dev)]
-        model, config = load_model(checkpoint)
+        ptdtype = DTYPES[pick_dtype(dtype, dev)]
+        model, config = load_model(ckpt_path)
     except (FormatError, ValueError, FileNotFoundError, KeyError, TypeError) as e:
         fail(e)
     model.eval().to(dev)
     if ptdtype != torch.float32 and dev != "cpu":
         model.to(ptdtype)  # inference only: keep weights and cache in the low-precision dtype
-    tok_path = find_tokenizer(checkpoint, config, model.params.vocab_size)
     try:
-        enc = Tokenizer(tok_path)
+        tok_path = tokenizer or find_tokenizer(model.params.vocab_size, near=ckpt_path, config=config)
+        enc = load_tokenizer(tok_path, model.params.vocab_size)
     except (FileNotFoundError, ValueError) as e:
         fail(e)
-    if enc.n_words != model.params.vocab_size:
-        fail(f"tokenizer {tok_path} has {enc.n_words} tokens but the model has vocab_size="
-             f"{model.params.vocab_size}: pass the tokenizer the model was trained with (--tokenizer=...)")
 
     if start.startswith("FILE:"):
         try:
@@ -109,10 +88,10 @@ def main():
         with torch.autocast(device_type="cuda", dtype=ptdtype) if dev.startswith("cuda") and ptdtype != torch.float32 \
                 else nullcontext():
             for group in groups:
-                outputs += model.generate_withcache(group, max_new_tokens, temperature=temperature, top_k=top_k,
-                                                    top_p=top_p, eos_id=stop, echo=False, device=dev,
-                                                    decode_fn=decode_fn, generator=generator,
-                                                    tokens_per_call=tokens_per_call)
+                outputs += generate_withcache(model, group, max_new_tokens, temperature=temperature, top_k=top_k,
+                                              top_p=top_p, eos_id=stop, echo=False, device=dev,
+                                              decode_fn=decode_fn, generator=generator,
+                                              tokens_per_call=tokens_per_call)
     except ValueError as e:
         fail(e)
     dt = time.time() - t0

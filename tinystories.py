@@ -29,9 +29,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from tokenizer import Tokenizer
-from utils import atomic_write
+from utils import DATA_CACHE_DIR, atomic_write
 
-DATA_CACHE_DIR = os.environ.get("DATA_CACHE_DIR", "data")
 DATA_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
 
 
@@ -363,6 +362,26 @@ class Task:
             batches = collate(iter(ds))
         for x, y in batches:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+class BatchStream:
+    """A run's training batches and its position in them, for exact resume: position counts the batches
+    handed out, and BatchStream(start=state["position"], ...) continues with exactly the batches that would
+    have come next. The first batch is read at construction, so missing data is reported at start-up."""
+
+    def __init__(self, start=0, **iter_batches_kwargs):
+        self.position = start
+        self._batches = Task.iter_batches(start_batch=start, **iter_batches_kwargs)
+        self._ahead = next(self._batches)  # one batch read ahead, copied to the device while it works
+
+    def next(self):
+        """The next (X, Y) batch."""
+        batch, self._ahead = self._ahead, next(self._batches)
+        self.position += 1
+        return batch
+
+    def state_dict(self):
+        return {"position": self.position}
 
 
 # -----------------------------------------------------------------------------

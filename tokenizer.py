@@ -8,9 +8,8 @@ Export a tokenizer for llama2.c's run.c (writes tok512.bin next to tok512.model)
 import argparse
 import os
 import struct
-from typing import Dict, List
+from typing import List
 
-import torch
 from sentencepiece import SentencePieceProcessor
 
 from utils import atomic_write
@@ -32,7 +31,6 @@ class Tokenizer:
         self.n_words: int = self.sp_model.vocab_size()
         self.bos_id: int = self.sp_model.bos_id()
         self.eos_id: int = self.sp_model.eos_id()
-        self.pad_id: int = self.sp_model.pad_id()  # -1 for llama2.c's tokenizers: pad() then uses eos
 
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
         assert isinstance(s, str)
@@ -45,20 +43,6 @@ class Tokenizer:
 
     def decode(self, t: List[int]) -> str:
         return self.sp_model.decode(t)
-
-    def pad(self, features: List[Dict[str, List[int]]], padding_side: str = "right"):
-        """Pad a list of {"input_ids": [...], "attention_mask": [...]} (attention_mask optional) to the
-        longest; returns {"input_ids": LongTensor (B, T), "attention_mask": LongTensor (B, T)}."""
-        pad_id = self.pad_id if self.pad_id >= 0 else self.eos_id
-        T = max(len(f["input_ids"]) for f in features)
-        ids = torch.full((len(features), T), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(features), T), dtype=torch.long)
-        for i, f in enumerate(features):
-            n = len(f["input_ids"])
-            sl = slice(0, n) if padding_side == "right" else slice(T - n, T)
-            ids[i, sl] = torch.tensor(f["input_ids"], dtype=torch.long)
-            mask[i, sl] = torch.tensor(f.get("attention_mask", [1] * n), dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": mask}
 
     def export(self, path=None):
         """Write llama2.c's tokenizer format: uint32 max_token_length, then per token float32 score,

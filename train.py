@@ -2,7 +2,8 @@
 Pre-train a Llama-style model on TinyStories, or align it with PPO (--ppo=True).
 
 Every setting below is a module-level global; override any of them as --key=value or with a config
-file (see configurator.py). Reads top to bottom: config -> setup -> model -> (PPO setup) -> loop.
+file (see configurator.py). Reads top to bottom: settings -> checks -> device -> model -> data ->
+optimizer -> (PPO: reference model, trainer, queries) -> helpers -> pretrain_loop() or ppo_loop().
 
 CPU (a laptop; tiny model, a couple of minutes):
     python train.py --vocab_source=custom --vocab_size=512 --dim=64 --n_layers=5 --n_heads=8 \\
@@ -21,17 +22,17 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
-from functools import partial
 
 import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import configurator
-from model import ModelArgs, Transformer, TransformerWithValueHead, compile_decode, load_model_state
-from tinystories import DataError, Task, file_sha256, get_tokenizer_model_path, read_meta
-from tokenizer import Tokenizer
-from utils import MetricsLog, load_checkpoint, pick_device, pick_dtype, plot_ppo_metrics, save_checkpoint
+from export import FormatError, load_model, load_model_state, model_args_from_checkpoint
+from model import ModelArgs, Transformer, TransformerWithValueHead
+from tinystories import BatchStream, DataError, Task, file_sha256, read_meta
+from utils import (DTYPES, MetricsLog, fail, find_tokenizer, load_checkpoint, load_tokenizer, pick_device,
+                   pick_dtype, plot_ppo_metrics, save_checkpoint)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -45,10 +46,10 @@ init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt; with --ppo, out_d
 # path of weights to start from: a .pt, a llama2.c .bin or a Hugging Face folder (iteration 0, fresh optimizer)
 # data
 batch_size = 128  # micro-batch size; with --ppo, mini-batch size (the reference: 8x rollouts per iteration)
-max_seq_len = 256
+max_seq_len = 256  # the context, and the training window; a resumed run keeps its checkpoint's
 vocab_source = "llama2"  # llama2|custom: Meta's 32K vocab, or one trained by tinystories.py train_vocab
 vocab_size = 32000
-tokenizer = ""  # path of the tokenizer .model; default data/tok{vocab_size}.model (custom) or tokenizer.model
+tokenizer = ""  # the tokenizer .model; default: tok{vocab_size}.model beside the checkpoint, then in data/
 # model
 dim = 288
 n_layers = 6
@@ -74,15 +75,15 @@ compile = "auto"  # torch.compile the model: auto = on CUDA (on CPU only the PPO
 seed = 1337
 # PPO (RLHF): reward = -|target_len - story length| / 100, see ppo.py
 ppo = False
-start_len = 30  # queries are BOS + the first 0..start_len tokens of a story
+start_len = 30  # queries are BOS + the first 0..start_len-1 tokens of a story
 max_gen_len = 300  # new tokens per rollout at most
 target_len = 200  # the story length (query + response tokens) the reward asks for
 rollouts = 0  # rollouts per PPO iteration; 0 = 8 * batch_size, as the reference
 ppo_epochs = 4
 init_kl_coef = 0.2  # beta of the per-token KL penalty against the frozen reference model
-adap_kl_ctrl = True  # adapt beta towards kl_target (Ziegler et al. 2019)
-kl_target = 6.0
-target_kl = 1.0  # early-stop the PPO epochs when the epoch's policy KL exceeds 1.5x this
+adap_kl_ctrl = True  # adapt beta towards adap_kl_target (Ziegler et al. 2019)
+adap_kl_target = 6.0  # the KL to the reference (nats per story) the adaptive beta aims at (TRL: target)
+early_stop_kl = 1.0  # stop an iteration's PPO epochs once the policy KL exceeds 1.5x this (TRL: target_kl)
 vf_coef = 0.1
 cliprange = 0.2
 cliprange_value = 0.2
@@ -90,17 +91,11 @@ gamma = 1.0
 lam = 0.95
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
-configurator.apply_or_exit(globals(), sys.argv[1:], config_keys)
+overridden = configurator.apply_or_exit(globals(), sys.argv[1:], config_keys)  # the keys the command line set
 config = {k: globals()[k] for k in config_keys}  # saved in checkpoints, useful for logging
 # -----------------------------------------------------------------------------
 
-
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(1)
-
-
-# validate what the model constructor cannot see
+# check what the model constructor cannot see
 if vocab_source not in ("llama2", "custom"):
     fail(f"--vocab_source must be llama2 or custom, got {vocab_source!r}")
 if vocab_source == "llama2" and vocab_size != 32000:
@@ -108,9 +103,11 @@ if vocab_source == "llama2" and vocab_size != 32000:
 if init_from not in ("scratch", "resume") and not os.path.exists(init_from):
     fail(f"--init_from must be scratch, resume or an existing checkpoint path, got {init_from!r}")
 for _k in ("batch_size", "max_seq_len", "gradient_accumulation_steps", "eval_iters", "eval_interval",
-           "log_interval", "max_gen_len", "ppo_epochs"):
+           "log_interval", "max_gen_len", "ppo_epochs", "start_len", "target_len"):
     if globals()[_k] < 1:
         fail(f"--{_k} must be >= 1, got {globals()[_k]}")
+if rollouts < 0:
+    fail(f"--rollouts must be >= 0 (0: 8 x batch_size), got {rollouts}")
 if compile not in ("auto", True, False):
     fail(f"--compile must be auto, True or False, got {compile!r}")
 lr_decay_iters = max_iters  # ~= max_iters per Chinchilla
@@ -138,11 +135,18 @@ if ddp:
     gradient_accumulation_steps //= ddp_world_size
 else:
     master_process, seed_offset, ddp_world_size = True, 0, 1
-tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * max_seq_len
-if master_process and not ppo:
-    print(f"tokens per iteration will be: {tokens_per_iter:,}")
-    print(f"breaks down as: {gradient_accumulation_steps} grad accum steps * {ddp_world_size} processes * "
-          f"{batch_size} batch size * {max_seq_len} max seq len")
+
+if ppo:  # every PPO setting is checked here, before anything is loaded
+    from ppo import LengthReward, LengthSampler, PPOConfig, PPOTrainer, ppo_iteration
+    try:
+        ppoconf = PPOConfig(
+            seed=seed + seed_offset, adap_kl_ctrl=adap_kl_ctrl, init_kl_coef=init_kl_coef, kl_penalty="kl",
+            target=adap_kl_target, gamma=gamma, lam=lam, cliprange=cliprange, cliprange_value=cliprange_value,
+            vf_coef=vf_coef, batch_size=rollouts or 8 * batch_size, mini_batch_size=batch_size,
+            gradient_accumulation_steps=gradient_accumulation_steps, ppo_epochs=ppo_epochs,
+            max_grad_norm=grad_clip or None, early_stopping=True, target_kl=early_stop_kl)
+    except ValueError as e:
+        fail(f"invalid PPO setting: {e}")
 
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
@@ -150,16 +154,19 @@ torch.manual_seed(seed + seed_offset)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 device_type = "cuda" if "cuda" in device else "cpu"  # for torch.autocast
-ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+ptdtype = DTYPES[dtype]
 ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
 use_compile = device_type == "cuda" if compile == "auto" else compile
 
 # -----------------------------------------------------------------------------
-# model: from scratch, or resumed from a checkpoint (a PPO run resumes its own ppo_ckpt.pt when present)
+# model: from scratch, resumed from a checkpoint (a PPO run resumes its own ppo_ckpt.pt when present), or
+# initialised from other weights. A resumed or initialised model brings its architecture; dropout stays ours.
 iter_num = 0
 best_val_loss = 1e9
 best_reward = -1e9
 checkpoint = None
+resume_path = None
+pretrained = None
 model_args = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
                   multiple_of=multiple_of, max_seq_len=max_seq_len, dropout=dropout)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
@@ -173,72 +180,91 @@ if init_from == "resume":
     print(f"Resuming training from {resume_path}")
     try:
         checkpoint = load_checkpoint(resume_path, map_location=device)
-        # the architecture comes from the checkpoint; dropout and the rest may change from the command line
-        for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len",
-                  "hidden_dim", "norm_eps", "rope_theta"):
-            if k in checkpoint["model_args"]:
-                model_args[k] = checkpoint["model_args"][k]
+        source_args = model_args_from_checkpoint(checkpoint)
     except (ValueError, KeyError, TypeError) as e:
         fail(f"{resume_path}: {e}")
+    # a resumed run continues with its own context: its batches, tokens per iteration and data position
+    if "max_seq_len" in overridden and max_seq_len != source_args.max_seq_len:
+        fail(f"--max_seq_len={max_seq_len} but {resume_path} was trained with max_seq_len={source_args.max_seq_len}: "
+             f"drop --max_seq_len or pass {source_args.max_seq_len} (to change the context, use --init_from={resume_path})")
+    model_args = {**asdict(source_args), "dropout": dropout}
     vocab_source = checkpoint.get("config", {}).get("vocab_source", vocab_source)
-pretrained = None
-if init_from not in ("scratch", "resume"):
-    from export import FormatError, load_model
+elif init_from != "scratch":
     try:
         pretrained, _ = load_model(init_from)
     except (FormatError, ValueError, FileNotFoundError) as e:
         fail(e)
     print(f"Initializing from the weights of {init_from}")
-    model_args = {**asdict(pretrained.params), "dropout": dropout}
+    source_ctx = pretrained.params.max_seq_len
+    if "max_seq_len" in overridden and max_seq_len > source_ctx:
+        fail(f"--max_seq_len={max_seq_len} exceeds the {source_ctx}-position context of {init_from}: "
+             f"pass --max_seq_len={source_ctx} or less")
+    # RoPE has no learned positions: the model takes the training window as its context
+    model_args = {**asdict(pretrained.params), "dropout": dropout,
+                  "max_seq_len": max_seq_len if "max_seq_len" in overridden else source_ctx}
 try:
     gptconf = ModelArgs(**model_args)
 except ValueError as e:
     fail(f"invalid model shape: {e}")
+if max_seq_len != gptconf.max_seq_len:
+    print(f"max_seq_len = {gptconf.max_seq_len}, the context of {resume_path or init_from}")
+max_seq_len = config["max_seq_len"] = gptconf.max_seq_len  # the training window is the model's context
+vocab_size = config["vocab_size"] = gptconf.vocab_size
 model = (TransformerWithValueHead if ppo else Transformer)(gptconf)
-if pretrained is not None:
-    load_model_state(model, pretrained.state_dict())
-    pretrained = None
-resumed_ppo = False
-if checkpoint is not None:
-    try:
+try:
+    if pretrained is not None:
+        load_model_state(model, pretrained.state_dict())
+        pretrained = None
+    if checkpoint is not None:
         load_model_state(model, checkpoint["model"])
-    except (ValueError, KeyError) as e:
-        fail(f"{resume_path}: {e}")
-    resumed_ppo = resume_path in (ppo_ckpt_path, ppo_last_path)
+except (ValueError, KeyError) as e:
+    fail(f"{resume_path or init_from}: {e}")
+resumed_ppo = resume_path in (ppo_ckpt_path, ppo_last_path)
+if checkpoint is not None:
     if not ppo or resumed_ppo:  # a PPO run started from a pre-training checkpoint starts its own count
         best_val_loss = float(checkpoint.get("best_val_loss", best_val_loss))
         best_reward = float(checkpoint.get("best_reward", best_reward))
     iter_num = checkpoint["iter_num"]
 model.to(device)
-vocab_size = gptconf.vocab_size
 
-# the tokenizer: PPO needs it (queries, decoding); pre-training only checks it matches the data
-tokenizer_model = tokenizer or get_tokenizer_model_path(0 if vocab_source == "llama2" else vocab_size) or "tokenizer.model"
-meta = read_meta(0 if vocab_source == "llama2" else vocab_size)
+tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * max_seq_len
+if master_process and not ppo:
+    print(f"tokens per iteration will be: {tokens_per_iter:,}")
+    print(f"breaks down as: {gradient_accumulation_steps} grad accum steps * {ddp_world_size} processes * "
+          f"{batch_size} batch size * {max_seq_len} max seq len")
+
+# the tokenizer: PPO needs it (queries, the end token); pre-training only checks it matches the data
+data_vocab = 0 if vocab_source == "llama2" else vocab_size  # how tinystories.py names the data folders
+meta = read_meta(data_vocab)
+weights_path = resume_path or (None if init_from == "scratch" else init_from)  # where the weights came from
+try:  # the seed's PPO command names no tokenizer: the one next to its checkpoint (stories260K/tok512.model) is it
+    tokenizer_model = tokenizer or find_tokenizer(vocab_size, near=weights_path, config={"vocab_source": vocab_source})
+except FileNotFoundError as e:
+    if ppo:
+        fail(e)
+    tokenizer_model = None
+config["tokenizer"] = tokenizer_model or ""  # saved with the checkpoints, where sample.py looks first
 enc = None
-if os.path.isfile(tokenizer_model) or ppo:
+if tokenizer_model is not None:
     try:
-        enc = Tokenizer(tokenizer_model)
+        enc = load_tokenizer(tokenizer_model, vocab_size)
     except (FileNotFoundError, ValueError) as e:
         fail(e)
-    if enc.n_words != vocab_size:
-        fail(f"tokenizer {tokenizer_model} has {enc.n_words} tokens but the model has vocab_size={vocab_size}: "
-             f"pass the tokenizer the model was trained with (--tokenizer=...)")
     if meta is not None and meta["tokenizer_sha256"] != file_sha256(tokenizer_model):
         fail(f"the pretokenized data was made with {meta['tokenizer']}, not with {tokenizer_model}: re-run "
              f"`python tinystories.py pretokenize --vocab_size={vocab_size} --tokenizer={tokenizer_model}`")
 if meta is not None and meta["vocab_size"] != vocab_size:
     fail(f"the pretokenized data has a {meta['vocab_size']}-token vocabulary but the model has {vocab_size}")
 
-iter_batches = partial(Task.iter_batches, batch_size=batch_size, max_seq_len=max_seq_len, vocab_size=vocab_size,
-                       vocab_source=vocab_source, device=device, num_workers=0)
-# an exact resume continues the data stream and the random number generators where the checkpoint left them
+# the data: an exact resume continues the stream and the random number generators where the checkpoint left them
+batch_args = dict(batch_size=batch_size, max_seq_len=max_seq_len, vocab_size=vocab_size, vocab_source=vocab_source,
+                  device=device, num_workers=0)
 resume_state = checkpoint.get("resume") if checkpoint is not None and (not ppo or resumed_ppo) else None
-train_batches = resume_state["train_batches"] if resume_state else 0  # batches drawn from the stream so far
+data_position = 0
+if resume_state:  # (checkpoints before BatchStream recorded the position as train_batches)
+    data_position = resume_state["data"]["position"] if "data" in resume_state else resume_state["train_batches"]
 try:
-    train_batch_iter = iter_batches(split="train", seed=seed, start_batch=train_batches)
-    X, Y = next(train_batch_iter)  # fetch the very first batch (and report missing data now)
-    train_batches += 1
+    train_stream = BatchStream(start=data_position, split="train", seed=seed, **batch_args)
 except DataError as e:
     fail(e)
 
@@ -261,24 +287,17 @@ if ddp:
 # -----------------------------------------------------------------------------
 # PPO: a frozen reference model, the trainer, the query sampler and the reward
 if ppo:
-    from ppo import LengthReward, LengthSampler, PPOConfig, PPOTrainer
+    from generate import compile_decode
     if not os.path.exists(ckpt_path):
         fail(f"--ppo=True needs the pre-trained model at {ckpt_path} as the KL reference")
-    try:
-        ppoconf = PPOConfig(
-            seed=seed + seed_offset, learning_rate=learning_rate, adap_kl_ctrl=adap_kl_ctrl,
-            init_kl_coef=init_kl_coef, kl_penalty="kl", target=kl_target, gamma=gamma, lam=lam,
-            cliprange=cliprange, cliprange_value=cliprange_value, vf_coef=vf_coef,
-            batch_size=rollouts or 8 * batch_size, mini_batch_size=batch_size,
-            gradient_accumulation_steps=gradient_accumulation_steps, ppo_epochs=ppo_epochs,
-            max_grad_norm=grad_clip or None, early_stopping=True, target_kl=target_kl)
-    except ValueError as e:
-        fail(e)
     # the reference is the pre-trained model (no value head, no cache, eval mode), even on PPO resume
     ref_model = Transformer(gptconf)
-    load_model_state(ref_model, load_checkpoint(ckpt_path, map_location=device)["model"])
+    try:
+        load_model_state(ref_model, load_checkpoint(ckpt_path, map_location=device)["model"])
+    except (ValueError, KeyError) as e:
+        fail(f"{ckpt_path}: {e}")
     ref_model.to(device).eval().requires_grad_(False)
-    ppo_trainer = PPOTrainer(ppoconf, model, ref_model, enc, optimizer, scaler, ddp, autocast_dtype=ptdtype)
+    ppo_trainer = PPOTrainer(ppoconf, model, ref_model, optimizer, scaler, ddp, autocast_dtype=ptdtype)
     query_length = LengthSampler(0, start_len, seed=seed + seed_offset)
     if ppo_state is not None:
         ppo_trainer.kl_ctl.value = ppo_state["kl_coef"]
@@ -287,6 +306,9 @@ if ppo:
     # the rollouts' decode step pays for its compile within one iteration, on CPU too
     decode_fn = compile_decode(raw_model) if use_compile or compile == "auto" else None
 
+# -----------------------------------------------------------------------------
+# helpers (they read the setup above; the loops below own the state that changes)
+
 
 @torch.no_grad()
 def estimate_loss():
@@ -294,12 +316,12 @@ def estimate_loss():
     out = {}
     model.eval()
     for split in ("train", "val"):
-        batch_iter = iter_batches(split=split, seed=seed)
+        batch_iter = Task.iter_batches(split=split, seed=seed, **batch_args)
         losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
             X, Y = next(batch_iter)
             with ctx:
-                loss = raw_model(X, Y)[-1]
+                loss = raw_model(X, Y).loss
             losses[k] = loss.item()
         out[split] = losses.mean().item()
     model.train()
@@ -307,7 +329,9 @@ def estimate_loss():
 
 
 def get_lr(it):
-    """Linear warm-up, then cosine decay to min_lr at lr_decay_iters."""
+    """Linear warm-up, then cosine decay to min_lr at lr_decay_iters (or learning_rate throughout)."""
+    if not decay_lr:
+        return learning_rate
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if it > lr_decay_iters:
@@ -317,21 +341,16 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
-def save(path, **extra):
+def save(path, iter_num, best_val_loss, **extra):
     """A checkpoint in llama2.c's layout, plus what an exact resume needs: the RNG states and the position in
-    the data stream (the batch X in hand has not been trained on yet)."""
+    the data stream."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if device_type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state_all()
     save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                      "model_args": asdict(gptconf), "iter_num": iter_num, "best_val_loss": best_val_loss,
-                     "config": config, "resume": {"train_batches": train_batches - 1, "rng": rng}, **extra}, path)
+                     "config": config, "resume": {"data": train_stream.state_dict(), "rng": rng}, **extra}, path)
     print(f"saved checkpoint {path}")
-
-
-def ppo_extra():
-    return {"best_reward": best_reward, "ppo_state": {"kl_coef": ppo_trainer.kl_ctl.value,
-                                                      "query_length": query_length.state_dict()}}
 
 
 def restore_rng(state):
@@ -342,79 +361,77 @@ def restore_rng(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# SIGINT / SIGTERM: finish the current step, save a resumable checkpoint, exit 0
-stop_signal = None
+class GracefulStop:
+    """SIGINT / SIGTERM: finish the current step, save a resumable checkpoint, exit 0. A second one quits now."""
 
+    def __init__(self):
+        self.signal = None
+        signal.signal(signal.SIGINT, self.request)
+        signal.signal(signal.SIGTERM, self.request)
 
-def request_stop(signum, frame):
-    global stop_signal
-    if stop_signal is not None:  # a second Ctrl-C: stop now
-        raise KeyboardInterrupt
-    stop_signal = signal.Signals(signum).name
-    print(f"\n{stop_signal} received: finishing this step, then saving a checkpoint (again to quit now)", flush=True)
+    def request(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        print(f"\n{self.signal} received: finishing this step, then saving a checkpoint (again to quit now)", flush=True)
 
+    def requested(self):
+        """True on every rank as soon as any rank was signalled, so that all stop at the same iteration."""
+        if not ddp:
+            return self.signal is not None
+        flag = torch.tensor([self.signal is not None], dtype=torch.float32, device=device)
+        torch.distributed.all_reduce(flag)
+        return flag.item() > 0
 
-signal.signal(signal.SIGINT, request_stop)
-signal.signal(signal.SIGTERM, request_stop)
+    def report(self, iter_num):
+        print(f"stopped by {self.signal or 'another rank'} after iteration {iter_num - 1}; continue with the same "
+              f"command and --init_from=resume")
 
 
 def sample_queries(n):
-    """n queries: BOS + the first LengthSampler() tokens of stories from the training batches."""
-    global X, train_batches
+    """n queries: BOS + the first query_length() tokens of stories from the training batches."""
     queries = []
     while len(queries) < n:
+        X, _ = train_stream.next()
         for row in X.tolist():
             if enc.bos_id in row:
                 begin = row.index(enc.bos_id)
                 queries.append(row[begin: begin + query_length() + 1])
-        X, _ = next(train_batch_iter)
-        train_batches += 1
     return queries[:n]
 
 
 # -----------------------------------------------------------------------------
-# training loop
-metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl")) if master_process else None
-start_iter = iter_num
-t0 = t_start = time.time()
-running_mfu = -1.0
-rewards_since_eval = []
-if resume_state:
-    restore_rng(resume_state["rng"])
-model.train()
-while True:
-    lr = get_lr(iter_num) if decay_lr else learning_rate
-    for param_group in optimizer.param_groups:
-        param_group["lr"] = lr
+# the pre-training loop
 
-    # evaluate, checkpoint
-    last_iter = iter_num > max_iters  # llama2.c trains iterations start..max_iters inclusive
-    if (iter_num % eval_interval == 0 or last_iter) and master_process and (iter_num > start_iter or eval_only or not ppo):
-        losses = estimate_loss()
-        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        metrics.write(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
-        if not ppo and (losses["val"] < best_val_loss or always_save_checkpoint) and iter_num > 0:
-            best_val_loss = min(best_val_loss, losses["val"])
-            save(ckpt_path)
-        if ppo and rewards_since_eval:
-            # PPO keeps the policy with the best mean reward, not the best pre-training loss
-            reward = sum(rewards_since_eval) / len(rewards_since_eval)
-            rewards_since_eval = []
-            if reward > best_reward or always_save_checkpoint:
-                best_reward = max(best_reward, reward)
-                save(ppo_ckpt_path, **ppo_extra())
-    if eval_only or last_iter:
-        break
 
-    if not ppo:
+def pretrain_loop(iter_num, best_val_loss):
+    """Train iterations iter_num..max_iters (inclusive, as llama2.c), evaluating every eval_interval and
+    keeping the checkpoint with the best validation loss."""
+    start_iter, running_mfu = iter_num, -1.0
+    t0 = t_start = time.time()
+    while True:
+        lr = get_lr(iter_num)
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
+
+        # evaluate, checkpoint
+        if (iter_num % eval_interval == 0 or iter_num > max_iters) and master_process:
+            losses = estimate_loss()
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            metrics.write(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
+            if (losses["val"] < best_val_loss or always_save_checkpoint) and iter_num > 0:
+                best_val_loss = min(best_val_loss, losses["val"])
+                save(ckpt_path, iter_num, best_val_loss)
+        if eval_only or iter_num > max_iters:
+            break
+
         # forward, backward, update, with gradient accumulation; DDP syncs on the last micro-step only
         for micro_step in range(gradient_accumulation_steps):
             if ddp:
                 model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+            X, Y = train_stream.next()
             with ctx:
-                loss = model(X, Y)[-1] / gradient_accumulation_steps
-            X, Y = next(train_batch_iter)  # prefetch while the device works
-            train_batches += 1
+                loss = model(X, Y).loss / gradient_accumulation_steps
             scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip != 0.0 else float("inf"))
@@ -425,37 +442,12 @@ while True:
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-    else:
-        # rollouts with the KV-cache generator (dropout off), scored by the length reward, one PPO step
-        t_roll = time.time()
-        queries = sample_queries(ppoconf.batch_size)
-        raw_model.eval()
-        responses = raw_model.generate_withcache(queries, max_gen_len, temperature=1.0, top_k=0, top_p=1.0,
-                                                 eos_id=enc.bos_id, device=device, decode_fn=decode_fn)
-        raw_model.train()
-        t_roll = time.time() - t_roll
-        # keep the end-of-story token in a response that stopped before its budget: choosing to stop is
-        # the very action the length reward judges, so it must receive its share of the advantage
-        ended = [len(r) < min(max_gen_len, gptconf.max_seq_len - len(q)) for q, r in zip(queries, responses)]
-        lengths = [len(q) + len(r) for q, r in zip(queries, responses)]  # the story, without the end token
-        responses = [r + [enc.bos_id] if e else r for r, e in zip(responses, ended)]
-        scores = [reward_fn(n) for n in lengths]
-        stats = ppo_trainer.step([torch.tensor(q, device=device) for q in queries],
-                                 [torch.tensor(r, device=device) for r in responses],
-                                 [torch.tensor(s, device=device) for s in scores])
-        if not math.isfinite(stats["ppo/loss/total"]):
-            fail(f"non-finite PPO loss at iteration {iter_num}; nothing was saved after it: the last good checkpoint "
-                 f"is {ppo_ckpt_path if os.path.exists(ppo_ckpt_path) else ckpt_path}. Try a lower --learning_rate")
-        reward_mean = sum(scores) / len(scores)
-        rewards_since_eval.append(reward_mean)
 
-    # timing and logging
-    t1 = time.time()
-    dt, t0 = t1 - t0, t1
-    if iter_num % log_interval == 0 and master_process:
-        done_iters = iter_num + 1 - start_iter
-        eta = (t1 - t_start) / done_iters * (max_iters - iter_num - 1)
-        if not ppo:
+        # timing and logging
+        t1 = time.time()
+        dt, t0 = t1 - t0, t1
+        if iter_num % log_interval == 0 and master_process:
+            eta = (t1 - t_start) / (iter_num + 1 - start_iter) * (max_iters - iter_num)  # through max_iters
             lossf = loss.item() * gradient_accumulation_steps  # a host sync, only when logging
             if iter_num - start_iter >= 5 and device_type == "cuda":
                 mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt)
@@ -464,34 +456,88 @@ while True:
             print(f"{iter_num} | loss {lossf:.4f} | lr {lr:e} | {dt * 1000:.2f}ms | {tok_s:,.0f} tok/s"
                   + (f" | mfu {running_mfu * 100:.2f}%" if running_mfu > 0 else "") + f" | eta {eta / 60:.1f} min")
             metrics.write(iter=iter_num, loss=lossf, lr=lr, dt_ms=dt * 1000, tok_per_s=tok_s)
-        else:
-            length_mean = sum(lengths) / len(lengths)
-            gen_tokens = sum(len(r) for r in responses)  # incl. end tokens
-            print(f"{iter_num} | reward {reward_mean:.4f} | length {length_mean:.1f} | kl_ref {stats['ppo/kl_ref']:.3f}"
-                  f" | entropy {stats['ppo/policy/entropy']:.3f} | kl_coef {stats['objective/kl_coef']:.4f}"
-                  f" | {dt:.1f}s (rollout {t_roll:.1f}s, {gen_tokens / t_roll:,.0f} tok/s) | eta {eta / 60:.1f} min")
-            metrics.write(iter=iter_num, reward_mean=reward_mean, length_mean=length_mean,
-                          kl_ref=stats["ppo/kl_ref"], kl_coef=stats["objective/kl_coef"],
-                          entropy=stats["ppo/policy/entropy"], time_s=dt, rollout_s=t_roll,
-                          rollout_tok_per_s=gen_tokens / t_roll, lr=lr,
+        iter_num += 1
+
+        if stop.requested():
+            if master_process:
+                save(ckpt_path, iter_num, best_val_loss)
+                stop.report(iter_num)
+            break
+
+
+# -----------------------------------------------------------------------------
+# the PPO loop
+
+
+def ppo_loop(iter_num, best_reward):
+    """PPO iterations iter_num..max_iters: queries from the training stories, then ppo_iteration (rollouts,
+    rewards, one PPO step). Keeps the policy with the best mean reward per evaluation interval."""
+    start_iter, rewards_since_eval = iter_num, []
+    t0 = t_start = time.time()
+
+    def ppo_extra():
+        return {"best_reward": best_reward, "ppo_state": {"kl_coef": ppo_trainer.kl_ctl.value,
+                                                          "query_length": query_length.state_dict()}}
+
+    while True:
+        lr = get_lr(iter_num)
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
+
+        # evaluate (the language-model loss, to watch forgetting), keep the best-reward policy
+        if (iter_num % eval_interval == 0 or iter_num > max_iters) and master_process and (iter_num > start_iter or eval_only):
+            losses = estimate_loss()
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            metrics.write(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
+            if rewards_since_eval:
+                reward = sum(rewards_since_eval) / len(rewards_since_eval)
+                rewards_since_eval = []
+                if reward > best_reward or always_save_checkpoint:
+                    best_reward = max(best_reward, reward)
+                    save(ppo_ckpt_path, iter_num, best_val_loss, **ppo_extra())
+        if eval_only or iter_num > max_iters:
+            break
+
+        stats = ppo_iteration(ppo_trainer, raw_model, sample_queries(ppoconf.batch_size), reward_fn, max_gen_len,
+                              stop_id=enc.bos_id, decode_fn=decode_fn)
+        if not math.isfinite(stats["ppo/loss/total"]):
+            fail(f"non-finite PPO loss at iteration {iter_num}; nothing was saved after it: the last good checkpoint "
+                 f"is {ppo_ckpt_path if os.path.exists(ppo_ckpt_path) else ckpt_path}. Try a lower --learning_rate")
+        rewards_since_eval.append(stats["reward_mean"])
+
+        t1 = time.time()
+        dt, t0 = t1 - t0, t1
+        if iter_num % log_interval == 0 and master_process:
+            eta = (t1 - t_start) / (iter_num + 1 - start_iter) * (max_iters - iter_num)  # through max_iters
+            print(f"{iter_num} | reward {stats['reward_mean']:.4f} | length {stats['length_mean']:.1f} | kl_ref "
+                  f"{stats['ppo/kl_ref']:.3f} | entropy {stats['ppo/policy/entropy']:.3f} | kl_coef "
+                  f"{stats['objective/kl_coef']:.4f} | {dt:.1f}s (rollout {stats['rollout_s']:.1f}s, "
+                  f"{stats['rollout_tok_per_s']:,.0f} tok/s) | eta {eta / 60:.1f} min")
+            metrics.write(iter=iter_num, kl_ref=stats["ppo/kl_ref"], kl_coef=stats["objective/kl_coef"],
+                          entropy=stats["ppo/policy/entropy"], time_s=dt, lr=lr,
                           **{k: v for k, v in stats.items() if isinstance(v, float)})
-    iter_num += 1
+        iter_num += 1
 
-    if ddp:  # every rank stops at the same iteration
-        flag = torch.tensor([stop_signal is not None], dtype=torch.float32, device=device)
-        torch.distributed.all_reduce(flag)
-        stop_now = flag.item() > 0
-    else:
-        stop_now = stop_signal is not None
-    if stop_now:
-        if master_process:
-            save(ppo_last_path if ppo else ckpt_path, **(ppo_extra() if ppo else {}))
-            print(f"stopped by {stop_signal or 'another rank'} after iteration {iter_num - 1}; continue with the same "
-                  f"command and --init_from=resume")
-        break
+        if stop.requested():
+            if master_process:
+                save(ppo_last_path, iter_num, best_val_loss, **ppo_extra())
+                stop.report(iter_num)
+            break
 
-if ppo and master_process and plot_ppo_metrics(metrics.path, os.path.join(out_dir, "ppo_curve.png"), target_len):
-    print(f"plotted the PPO curves to {os.path.join(out_dir, 'ppo_curve.png')}")
+    if master_process and plot_ppo_metrics(metrics.path, os.path.join(out_dir, "ppo_curve.png"), target_len):
+        print(f"plotted the PPO curves to {os.path.join(out_dir, 'ppo_curve.png')}")
+
+
+# -----------------------------------------------------------------------------
+metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl")) if master_process else None
+stop = GracefulStop()
+if resume_state:
+    restore_rng(resume_state["rng"])
+model.train()
+if ppo:
+    ppo_loop(iter_num, best_reward)
+else:
+    pretrain_loop(iter_num, best_val_loss)
 
 if ddp:
     # DDP keeps replicas identical by construction; check it, since a silent divergence wastes a run

@@ -17,7 +17,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import median_rate, print_table  # noqa: E402
-from model import ModelArgs, Transformer, compile_decode  # noqa: E402
+from generate import compile_decode, generate, generate_withcache  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
 
 CONFIGS = {
     "260K": ModelArgs(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=4, max_seq_len=512),
@@ -42,6 +43,7 @@ def peak_rss_of_generation():
     code = f"""
 import sys, torch
 sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
+from generate import generate_withcache
 from model import ModelArgs, Transformer
 def status(key):
     with open("/proc/self/status") as f:
@@ -51,7 +53,7 @@ with open("/proc/self/clear_refs", "w") as f:
 base = status("VmRSS:")
 args = ModelArgs(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=32000, multiple_of=32, max_seq_len=256)
 model = Transformer(args).eval()
-model.generate_withcache([[1]] * 32, {NEW - 1}, temperature=0.0)
+generate_withcache(model, [[1]] * 32, {NEW - 1}, temperature=0.0)
 cache = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "kv_cache" in n)
 weights = sum(p.numel() * p.element_size() for p in model.parameters())
 print(status("VmHWM:") - base, weights, cache)
@@ -83,17 +85,17 @@ def main():
         for batch in (1, 32):
             prompts = [[1]] * batch
             work = NEW * batch
-            eager = median_rate(lambda: model.generate_withcache(prompts, NEW, temperature=0.0), work, runs)
+            eager = median_rate(lambda: generate_withcache(model, prompts, NEW, temperature=0.0), work, runs)
             comp = []
             for k in per_call:
                 def run_compiled():
-                    model.generate_withcache(prompts, NEW, temperature=0.0, decode_fn=compiled, tokens_per_call=k)
+                    generate_withcache(model, prompts, NEW, temperature=0.0, decode_fn=compiled, tokens_per_call=k)
                 t0 = time.perf_counter()
                 run_compiled()  # compiles (or loads from torch's on-disk cache)
                 compile_times.append(f"{name} batch {batch}, {k}/call: {time.perf_counter() - t0:.0f} s")
                 comp.append(median_rate(run_compiled, work, runs, warmup=0))
             idx = torch.ones(batch, 1, dtype=torch.long)
-            plain = median_rate(lambda: model.generate(idx, 64, temperature=0.0), 64 * batch, 1, warmup=0)
+            plain = median_rate(lambda: generate(model, idx, 64, temperature=0.0), 64 * batch, 1, warmup=0)
             row = [name, batch, f"{plain:,.0f}", f"{eager:,.0f}"] + [f"{c:,.0f}" for c in comp]
             if hf is not None:
                 def run_hf():

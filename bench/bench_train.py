@@ -26,7 +26,7 @@ CONFIGS = {
 }
 
 
-def baseline_attention_forward(self, x, cos, sin, input_pos=None, mask=None):
+def baseline_attention_forward(self, x, cos, sin, input_pos=None, cache_mask=None):
     """The textbook version: materialise a (T, T) causal mask and the full score matrix."""
     B, T, _ = x.shape
     q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
@@ -71,7 +71,7 @@ def main():
             model, fwd, opt = make(cfg, kind)
 
             def step():
-                _, loss = fwd(x, y)
+                loss = fwd(x, y).loss
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)

@@ -78,7 +78,8 @@ def prepare_synthetic_data(root, vocab_size=300, stories_per_shard=200):
 @pytest.fixture(scope="session")
 def stories260k():
     """(model, tokenizer) of the published stories260K, in eval mode."""
-    from model import Transformer, load_model_state, model_args_from_checkpoint
+    from export import load_model_state, model_args_from_checkpoint
+    from model import Transformer
     from tokenizer import Tokenizer
     from utils import load_checkpoint
     ckpt = load_checkpoint(shared_path("stories260K", "stories260K.pt"))
@@ -91,3 +92,11 @@ def stories260k():
 def greedy_text():
     with open(shared_path("stories260K", "greedy_t0.txt"), encoding="utf-8") as f:
         return f.read()
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+    """(root, env): a generated corpus, a 300-token tokenizer and its pretokenized shards, shared by the tests
+    that run train.py."""
+    root = tmp_path_factory.mktemp("synthetic")
+    return root, prepare_synthetic_data(root, vocab_size=300, stories_per_shard=150)

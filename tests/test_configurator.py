@@ -51,3 +51,14 @@ def test_train_py_exits_with_one_line_error(tmp_path, arg, message):
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_unknown_key_suggests_close_ones_in_one_short_line():
+    c = {"batch_size": 1, "learning_rate": 1.0, "out_dir": "out"}
+    with pytest.raises(configurator.ConfigError) as e:
+        configurator.apply(dict(c), ["--batch_sise=3"])
+    assert str(e.value) == "unknown config key --batch_sise; did you mean --batch_size?"
+    with pytest.raises(configurator.ConfigError) as e:
+        configurator.apply(dict(c), ["--zzz=3"])
+    assert "zzz" in str(e.value) and "did you mean" not in str(e.value) and len(str(e.value)) < 120
+    assert configurator.apply(dict(c), ["--batch_size=3", "--out_dir=x"]) == {"batch_size", "out_dir"}

@@ -6,41 +6,42 @@ import pytest
 import torch
 
 from conftest import run, script, shared_path
-from model import ModelArgs, Transformer, compile_decode, sample_top_k_top_p
+from generate import compile_decode, decode_step, decode_tokens, generate, generate_withcache, sample_top_k_top_p
+from model import ModelArgs, Transformer
 
 
 def test_ragged_batch_equals_each_prompt_alone(stories260k, greedy_text):
     model, enc = stories260k
     story = enc.encode(greedy_text, bos=True, eos=False)
     prompts = [story[:n] for n in (1, 6, 11, 17, 23, 29, 34, 40)]
-    batched = model.generate_withcache(prompts, 60, temperature=0.0)
-    alone = [model.generate_withcache([p], 60, temperature=0.0)[0] for p in prompts]
+    batched = generate_withcache(model, prompts, 60, temperature=0.0)
+    alone = [generate_withcache(model, [p], 60, temperature=0.0)[0] for p in prompts]
     assert batched == alone
     assert all(len(row) == 60 for row in batched)  # every row gets max_gen_len, short prompts no more
     assert batched[0] == story[1:61]  # and it is the golden story
     # a stop token that row 0 emits early: row 0 stops there, the other rows are untouched
     stop = batched[0][4]
-    stopped = model.generate_withcache(prompts, 60, temperature=0.0, eos_id=stop)
+    stopped = generate_withcache(model, prompts, 60, temperature=0.0, eos_id=stop)
     for row, full in zip(stopped, alone):
         assert row == (full[: full.index(stop)] if stop in full else full)
     assert len(stopped[0]) == 4
-    with_prompt = model.generate_withcache(prompts[:2], 5, temperature=0.0, echo=True)
+    with_prompt = generate_withcache(model, prompts[:2], 5, temperature=0.0, echo=True)
     assert with_prompt[1] == prompts[1] + alone[1][:5]
 
 
 def test_rows_stop_when_the_context_is_full():
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=50, multiple_of=4, max_seq_len=24)).eval()
-    out = model.generate_withcache([[1] * 20, [1, 2]], 10, temperature=0.0)
+    out = generate_withcache(model, [[1] * 20, [1, 2]], 10, temperature=0.0)
     assert [len(o) for o in out] == [4, 10]  # 20 + 4 = the whole context of 24
-    alone = model.generate_withcache([[1] * 20], 10, temperature=0.0)[0]
+    alone = generate_withcache(model, [[1] * 20], 10, temperature=0.0)[0]
     assert out[0] == alone
     full_seq = torch.tensor([[1] * 20 + out[0][:3]])
-    assert model(full_seq)[0][0, -1].argmax().item() == out[0][3]  # the last token saw the whole context
+    assert model(full_seq).logits[0, -1].argmax().item() == out[0][3]  # the last token saw the whole context
     with pytest.raises(ValueError, match="leaves no room in the context of max_seq_len=24"):
-        model.generate_withcache([[1] * 24], 5)
+        generate_withcache(model, [[1] * 24], 5)
     with pytest.raises(ValueError, match="max_gen_len must be >= 1"):
-        model.generate_withcache([[1]], 0)
+        generate_withcache(model, [[1]], 0)
 
 
 def test_cached_generation_matches_the_plain_loop_on_random_models():
@@ -49,8 +50,8 @@ def test_cached_generation_matches_the_plain_loop_on_random_models():
         model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=n_kv, vocab_size=60, multiple_of=4,
                                       max_seq_len=64)).eval()
         prompt = [1, 5, 9]
-        cached = model.generate_withcache([prompt], 30, temperature=0.0)[0]
-        plain = model.generate(torch.tensor([prompt]), 30, temperature=0.0)[0, 3:].tolist()
+        cached = generate_withcache(model, [prompt], 30, temperature=0.0)[0]
+        plain = generate(model, torch.tensor([prompt]), 30, temperature=0.0)[0, 3:].tolist()
         assert cached == plain
 
 
@@ -103,6 +104,7 @@ def test_bad_sampling_arguments(kwargs, message):
         sample_top_k_top_p(torch.zeros(1, 4), **{"top_k": 0, "top_p": 1.0, "temperature": 1.0, **kwargs})
 
 
+@pytest.mark.slow
 def test_sample_py_refuses_bad_sampling_flags():
     ckpt = shared_path("stories260K", "stories260K.pt")
     for flag, message in (("--temperature=-1.0", "temperature must be >= 0"), ("--top_p=0.0", "top_p must be in"),
@@ -112,29 +114,33 @@ def test_sample_py_refuses_bad_sampling_flags():
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_deepcopy_leaves_the_cache_behind():
+def test_clear_caches_frees_the_cache_and_generation_sets_it_up_again():
     model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=50, multiple_of=4, max_seq_len=32))
-    model.generate_withcache([[1]], 5)
-    twin = copy.deepcopy(model)
-    assert twin.cache_shape is None and all(l.attention.kv_cache is None for l in twin.layers)
-    assert model.cache_shape is not None  # the original keeps its cache
+    first = generate_withcache(model, [[1]], 5, temperature=0.0)
+    assert model.cache_shape is not None and "layers.0.attention.kv_cache.k" in dict(model.named_buffers())
+    model.clear_caches()
+    assert model.cache_shape is None and not any("kv_cache" in n for n, _ in model.named_buffers())
+    twin = copy.deepcopy(model)  # e.g. a frozen PPO reference: no cache to copy
     assert twin.output.weight is twin.tok_embeddings.weight  # still tied
+    assert generate_withcache(twin, [[1]], 5, temperature=0.0) == first
 
 
+@pytest.mark.slow
 def test_compiled_decode_compiles_once_across_steps_and_calls(stories260k):
     import torch._dynamo
     model, _ = stories260k
-    decode = torch.compile(model.decode_tokens, fullgraph=True)
-    first = model.generate_withcache([[1], [1, 14]], 40, temperature=0.0, decode_fn=decode)
+    decode = torch.compile(lambda *a: decode_tokens(model, *a), fullgraph=True)
+    first = generate_withcache(model, [[1], [1, 14]], 40, temperature=0.0, decode_fn=decode)
     torch._dynamo.config.error_on_recompile = True
     try:  # other prompts, same batch size and cache bucket: not a single recompilation
-        second = model.generate_withcache([[1, 20, 30], [1]], 41, temperature=0.0, decode_fn=decode)
+        second = generate_withcache(model, [[1, 20, 30], [1]], 41, temperature=0.0, decode_fn=decode)
     finally:
         torch._dynamo.config.error_on_recompile = False
-    assert first[0] == model.generate_withcache([[1]], 40, temperature=0.0)[0]
+    assert first[0] == generate_withcache(model, [[1]], 40, temperature=0.0)[0]
     assert second[1] == first[0] + [second[1][40]]
 
 
+@pytest.mark.slow
 def test_compiled_decode_equals_eager_for_few_and_many_rows():
     """The compiled step uses other forms of the same sums (fused multiply-sums for <= 8 rows, the
     transposed GEMM for more): its logits and tokens must match the eager step. Batch 1 -> 12 -> 1
@@ -144,16 +150,17 @@ def test_compiled_decode_equals_eager_for_few_and_many_rows():
     model = Transformer(ModelArgs(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=70, multiple_of=8,
                                   max_seq_len=64)).eval()
     decode = compile_decode(model)
-    step = torch.compile(model.decode_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+    step = torch.compile(lambda t, p: decode_step(model, t, p), fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
     for batch in (1, 12, 1):
         prompts = [[1 + (i * 7 + j) % 60 for j in range(1 + i % 5)] for i in range(batch)]
-        eager = model.generate_withcache(prompts, 40, temperature=0.0)
-        assert model.generate_withcache(prompts, 40, temperature=0.0, decode_fn=decode) == eager
+        eager = generate_withcache(model, prompts, 40, temperature=0.0)
+        assert generate_withcache(model, prompts, 40, temperature=0.0, decode_fn=decode) == eager
         tokens, pos = torch.tensor([[3]] * batch), torch.arange(batch) + 5
         with torch.inference_mode():
-            torch.testing.assert_close(step(tokens, pos), model.decode_step(tokens, pos), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(step(tokens, pos), decode_step(model, tokens, pos), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_several_tokens_per_call_and_sampling_in_the_compiled_graph():
     """tokens_per_call=3 (not a divisor of the 8-token stop check nor of the budget) gives the same tokens
     as one per call, eager and compiled, greedy and sampled: a seeded generator supplies the same
@@ -166,11 +173,11 @@ def test_several_tokens_per_call_and_sampling_in_the_compiled_graph():
             p.normal_(std=0.3) if p.dim() == 2 else None
     decode = compile_decode(model)
     prompts = [[1, 5, 9], [1], [1, 7]]
-    greedy = model.generate_withcache(prompts, 30, temperature=0.0)
+    greedy = generate_withcache(model, prompts, 30, temperature=0.0)
     r, first_new = next((r, k) for k in range(5, 30) for r in range(3) if greedy[r][k] not in greedy[r][:k])
     stop = greedy[r][first_new]  # greedy row r stops after first_new tokens
     for sampling in (dict(temperature=0.0), dict(temperature=1.0, top_k=20, top_p=0.9)):
-        runs = [model.generate_withcache(prompts, 25, eos_id=stop, generator=torch.Generator().manual_seed(3),
+        runs = [generate_withcache(model, prompts, 25, eos_id=stop, generator=torch.Generator().manual_seed(3),
                                          decode_fn=fn, tokens_per_call=k, **sampling)
                 for fn, k in ((None, 1), (None, 3), (decode, 3))]
         assert runs[0] == runs[1] == runs[2]
@@ -179,9 +186,10 @@ def test_several_tokens_per_call_and_sampling_in_the_compiled_graph():
         else:
             assert len(set(map(tuple, runs[0]))) == 3  # sampled rows differ
     with pytest.raises(ValueError, match="tokens_per_call must be >= 1"):
-        model.generate_withcache(prompts, 5, tokens_per_call=0)
+        generate_withcache(model, prompts, 5, tokens_per_call=0)
 
 
+@pytest.mark.slow
 def test_golden_story_with_compiled_decode(greedy_text, tmp_path):
     proc = run([script("sample.py"), f"--checkpoint={shared_path('stories260K', 'stories260K.pt')}",
                 f"--tokenizer={shared_path('stories260K', 'tok512.model')}", "--temperature=0.0",
@@ -190,6 +198,7 @@ def test_golden_story_with_compiled_decode(greedy_text, tmp_path):
     assert "compiled" in proc.stderr
 
 
+@pytest.mark.slow
 def test_sample_py_batches_prompts_from_a_file(tmp_path, stories260k):
     model, enc = stories260k
     prompts = tmp_path / "prompts.txt"
@@ -199,7 +208,33 @@ def test_sample_py_batches_prompts_from_a_file(tmp_path, stories260k):
                 "--temperature=0.0", "--max_new_tokens=20"])
     stories = proc.stdout.split("---------------\n")
     assert [s.split(" ")[0] for s in stories] == ["Once", "Tom", "The"]
-    want = model.generate_withcache([enc.encode("Tom had a red ball", bos=True, eos=False)], 20, temperature=0.0,
+    want = generate_withcache(model, [enc.encode("Tom had a red ball", bos=True, eos=False)], 20, temperature=0.0,
                                     eos_id=[1, 2])[0]
     assert stories[1].rstrip("\n") == enc.decode(enc.encode("Tom had a red ball", bos=True, eos=False) + want)
     assert "3 samples" in proc.stderr and "tok/s" in proc.stderr
+
+
+def test_keep_stop_token_says_which_rows_stopped():
+    """keep_stop_token=True: a row ends with a stop id exactly when it stopped at one; without it the same rows
+    lose that token. Rows that ran out of budget or context end without one."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=12, multiple_of=4, max_seq_len=40)).eval()
+    prompts = [[1], [1, 3], [1, 4, 5], [1, 6], [1, 8, 9, 10], [1, 11], [1] * 36, [1] * 37]
+    gen = lambda keep: generate_withcache(model, prompts, 8, temperature=1.0, eos_id=[7], keep_stop_token=keep,
+                                          generator=torch.Generator().manual_seed(5))
+    kept, cut = gen(True), gen(False)
+    stopped = [bool(r) and r[-1] == 7 for r in kept]
+    assert any(stopped) and not all(stopped)
+    for k, c, s, p in zip(kept, cut, stopped, prompts):
+        assert c == (k[:-1] if s else k)
+        assert 7 not in c
+        if not s:
+            assert len(k) == min(8, 40 - len(p))  # ran out of budget (or of context, for the long prompts)
+
+
+def test_sample_py_without_flags_uses_the_bundled_model(tmp_path, greedy_text):
+    """A fresh clone: no out/ckpt.pt, so sample.py says so on stderr and samples from stories260K/, which is
+    karpathy's model (its greedy story is the golden one)."""
+    proc = run([script("sample.py"), "--temperature=0.0", "--max_new_tokens=500"], cwd=tmp_path)
+    assert "out/ckpt.pt not found: sampling from the bundled stories260K" in proc.stderr
+    assert proc.stdout.rstrip("\n") == greedy_text

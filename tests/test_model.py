@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from model import (ModelArgs, Transformer, TransformerWithValueHead, apply_rotary_emb, load_model_state,
-                   precompute_freqs_cis)
+from export import load_model_state
+from generate import decode_step, generate, generate_withcache, prefill
+from model import ModelArgs, Transformer, TransformerWithValueHead, apply_rotary_emb, precompute_freqs_cis
 
 TINY = dict(dim=64, n_layers=2, n_heads=8, vocab_size=97, multiple_of=4, max_seq_len=64)
 
@@ -37,13 +38,13 @@ def test_cached_logits_equal_full_forward_position_by_position(n_kv_heads):
     model = Transformer(ModelArgs(**TINY, n_kv_heads=n_kv_heads)).eval()
     tokens = torch.randint(0, TINY["vocab_size"], (3, 30))
     with torch.no_grad():
-        full, _ = model(tokens)
+        full = model(tokens).logits
         model.setup_caches(3, 32)
         prompt = 5
-        logits = model.prefill(tokens[:, :prompt], torch.full((3,), prompt - 1))
+        logits = prefill(model, tokens[:, :prompt], torch.full((3,), prompt - 1))
         torch.testing.assert_close(logits, full[:, prompt - 1], atol=1e-5, rtol=0)
         for t in range(prompt, 30):
-            logits = model.decode_step(tokens[:, t: t + 1], torch.full((3,), t))
+            logits = decode_step(model, tokens[:, t: t + 1], torch.full((3,), t))
             torch.testing.assert_close(logits, full[:, t], atol=1e-5, rtol=0)
 
 
@@ -59,7 +60,7 @@ def test_gqa_equals_multi_head_with_repeated_kv_weights():
             sd[k] = sd[k].view(2, hd, 64).repeat_interleave(4, dim=0).reshape(64, 64)
     mha.load_state_dict(sd)
     x = torch.randint(0, 97, (2, 20))
-    torch.testing.assert_close(gqa(x)[0], mha(x)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gqa(x).logits, mha(x).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_loss_is_cross_entropy_and_ignores_minus_one():
@@ -67,12 +68,12 @@ def test_loss_is_cross_entropy_and_ignores_minus_one():
     x = torch.randint(0, 97, (2, 10))
     y = x.clone()
     y[:, :3] = -1
-    logits, loss = model(x, y)
+    logits, loss, _ = model(x, y)
     want = torch.nn.functional.cross_entropy(logits[:, 3:].reshape(-1, 97), y[:, 3:].reshape(-1))
     torch.testing.assert_close(loss, want)
     torch.manual_seed(1)
     random_targets = torch.randint(0, 97, (2, 10))
-    fresh_loss = Transformer(ModelArgs(**TINY))(x, random_targets)[1].item()
+    fresh_loss = Transformer(ModelArgs(**TINY))(x, random_targets).loss.item()
     assert abs(fresh_loss - math.log(97)) < 0.1  # a fresh init predicts nearly uniformly
 
 
@@ -94,8 +95,8 @@ def test_value_head_model_loads_a_plain_checkpoint():
     policy = TransformerWithValueHead(ModelArgs(**TINY))
     load_model_state(policy, sd)
     x = torch.randint(0, 97, (2, 9))
-    logits, values, loss = policy(x)
-    torch.testing.assert_close(logits, plain(x)[0])
+    logits, loss, values = policy(x)
+    torch.testing.assert_close(logits, plain(x).logits)
     assert values.shape == (2, 9) and loss is None
     with pytest.raises(ValueError, match="does not fit"):
         load_model_state(Transformer(ModelArgs(**{**TINY, "n_layers": 3})), plain.state_dict())
@@ -104,7 +105,7 @@ def test_value_head_model_loads_a_plain_checkpoint():
 def test_no_kv_cache_unless_generating():
     model = Transformer(ModelArgs(**TINY))
     assert all(layer.attention.kv_cache is None for layer in model.layers)
-    model.generate_withcache([[1, 2]], 3, temperature=0.0)
+    generate_withcache(model, [[1, 2]], 3, temperature=0.0)
     assert model.cache_shape is not None
     assert not any("kv_cache" in k for k in model.state_dict())  # caches never enter checkpoints
     model.clear_caches()
@@ -113,13 +114,46 @@ def test_no_kv_cache_unless_generating():
 
 def test_golden_story_with_kv_cache(stories260k, greedy_text):
     model, enc = stories260k
-    out = model.generate_withcache([[enc.bos_id]], 500, temperature=0.0, eos_id=enc.bos_id)[0]
+    out = generate_withcache(model, [[enc.bos_id]], 500, temperature=0.0, eos_id=enc.bos_id)[0]
     assert len(out) == 345
     assert enc.decode(out) == greedy_text
 
 
+@pytest.mark.slow
 def test_golden_story_without_cache(stories260k, greedy_text):
     model, enc = stories260k
-    idx = model.generate(torch.tensor([[enc.bos_id]]), 400, temperature=0.0, eos_id=enc.bos_id)[0].tolist()[1:]
+    idx = generate(model, torch.tensor([[enc.bos_id]]), 400, temperature=0.0, eos_id=enc.bos_id)[0].tolist()[1:]
     assert idx[-1] == enc.bos_id
     assert enc.decode(idx[:-1]) == greedy_text
+
+
+def test_every_forward_returns_named_outputs_and_the_value_head_model_generates():
+    """One output convention (ModelOutput): the policy generates like the plain model with the same weights,
+    through the plain loop and the KV cache alike (its generate used to fail unpacking three outputs)."""
+    torch.manual_seed(0)
+    plain = Transformer(ModelArgs(**TINY)).eval()
+    policy = TransformerWithValueHead(ModelArgs(**TINY)).eval()
+    load_model_state(policy, plain.state_dict())
+    x = torch.randint(0, 97, (2, 9))
+    out, pout = plain(x, x), policy(x)
+    assert out.values is None and out.loss is not None and out.logits.shape == (2, 9, 97)
+    assert pout.loss is None and pout.values.shape == (2, 9)
+    idx = torch.tensor([[1, 5]])
+    assert torch.equal(generate(policy, idx, 12, temperature=0.0), generate(plain, idx, 12, temperature=0.0))
+    assert generate_withcache(policy, [[1, 5]], 12, temperature=0.0) == \
+        generate_withcache(plain, [[1, 5]], 12, temperature=0.0)
+
+
+def test_tied_and_untied_classifiers_never_load_into_each_other():
+    torch.manual_seed(0)
+    untied = Transformer(ModelArgs(**TINY, tie_embeddings=False))
+    assert untied.output.weight is not untied.tok_embeddings.weight
+    with pytest.raises(ValueError, match="its own classifier"):
+        load_model_state(Transformer(ModelArgs(**TINY)), untied.state_dict())
+    sd = {k: v for k, v in Transformer(ModelArgs(**TINY)).state_dict().items() if k != "output.weight"}
+    with pytest.raises(ValueError, match="no output.weight"):
+        load_model_state(Transformer(ModelArgs(**TINY, tie_embeddings=False)), sd)
+    twin = Transformer(ModelArgs(**TINY, tie_embeddings=False))
+    load_model_state(twin, untied.state_dict())
+    assert torch.equal(twin.output.weight, untied.output.weight)
+    assert torch.equal(twin.tok_embeddings.weight, untied.tok_embeddings.weight)

@@ -18,6 +18,8 @@ TINY_MODEL = ["--vocab_source=custom", "--dim=64", "--n_layers=2", "--n_heads=4"
               "--learning_rate=3e-3", "--warmup_iters=5", "--eval_iters=4", "--log_interval=5", "--device=cpu",
               "--compile=False"]
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the scripts
+
 
 @pytest.fixture
 def http_server():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import prepare_synthetic_data, run, script
+from generate import generate_withcache
 from model import ModelArgs, Transformer, TransformerWithValueHead
 from ppo import (AdaptiveKLController, FixedKLController, LengthReward, LengthSampler, PPOConfig, PPOTrainer,
                  clip_by_value, entropy_from_logits, logprobs_from_logits, masked_mean, masked_var, masked_whiten)
@@ -18,9 +19,9 @@ def make_trainer(config=None, seed=0, **kw):
     ref = Transformer(ModelArgs(**SMALL))
     ref.load_state_dict({k: v for k, v in policy.state_dict().items() if not k.startswith("value_head")})
     ref.eval().requires_grad_(False)
-    config = config or PPOConfig(batch_size=8, mini_batch_size=4, learning_rate=1e-3)
+    config = config or PPOConfig(batch_size=8, mini_batch_size=4)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
-    return PPOTrainer(config, policy, ref, None, optimizer, **kw)
+    return PPOTrainer(config, policy, ref, optimizer, **kw)
 
 
 def rollouts(n, seed=0, q_len=(1, 5), r_len=(1, 12)):
@@ -257,6 +258,7 @@ def test_ddp_sync_flag_is_set_before_the_forward_of_the_last_micro_batch():
     assert flags[:4] == [False, True, False, True]  # two micro-batches per optimizer step
 
 
+@pytest.mark.slow
 def test_ppo_lowers_the_length_when_short_stories_pay():
     """A few PPO iterations from a small random model, rewarded for short generations, end sooner."""
     torch.manual_seed(0)
@@ -266,13 +268,13 @@ def test_ppo_lowers_the_length_when_short_stories_pay():
     ref.load_state_dict({k: v for k, v in policy.state_dict().items() if not k.startswith("value_head")})
     ref.eval().requires_grad_(False)
     cfg = PPOConfig(batch_size=32, mini_batch_size=16, ppo_epochs=4, init_kl_coef=0.05, seed=0)
-    trainer = PPOTrainer(cfg, policy, ref, None, torch.optim.AdamW(policy.parameters(), lr=3e-3))
+    trainer = PPOTrainer(cfg, policy, ref, torch.optim.AdamW(policy.parameters(), lr=3e-3))
     eos, gen = torch.Generator().manual_seed(0), 24
     mean_lengths = []
     for it in range(8):
         queries = [[1] for _ in range(32)]
         policy.eval()
-        responses = policy.generate_withcache(queries, gen, temperature=1.0, eos_id=2, generator=eos)
+        responses = generate_withcache(policy, queries, gen, temperature=1.0, eos_id=2, generator=eos)
         policy.train()
         ended = [len(r) < gen for r in responses]
         lengths = [len(r) for r in responses]
@@ -303,6 +305,7 @@ PPO_FLAGS = ["--ppo=True", "--init_from=resume", "--batch_size=8", "--rollouts=1
              "--ppo_epochs=2", "--gradient_accumulation_steps=1"]
 
 
+@pytest.mark.slow
 def test_train_py_ppo_runs_saves_and_resumes(tiny_run, tmp_path):
     import json
     root, env, model = tiny_run
@@ -323,6 +326,7 @@ def test_train_py_ppo_runs_saves_and_resumes(tiny_run, tmp_path):
     assert f"{ck['iter_num']} | reward" in proc.stdout
 
 
+@pytest.mark.slow
 def test_train_py_ppo_refuses_a_tokenizer_of_another_vocabulary(tiny_run, tmp_path):
     root, env, model = tiny_run
     out = tmp_path / "out"
@@ -333,6 +337,7 @@ def test_train_py_ppo_refuses_a_tokenizer_of_another_vocabulary(tiny_run, tmp_pa
     assert proc.returncode == 1 and "has 320 tokens but the model has vocab_size=300" in proc.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_ppo_two_processes_keep_identical_weights(tiny_run, tmp_path):
     root, env, model = tiny_run
     out = tmp_path / "out"

@@ -13,19 +13,19 @@ import pytest
 import torch
 
 import utils
-from conftest import REPO, prepare_synthetic_data, run, script, shared_path
+from conftest import REPO, run, script, shared_path
 from tinystories import DataError, download_file
 
 MODEL = ["--vocab_source=custom", "--vocab_size=300", "--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2",
          "--multiple_of=4", "--max_seq_len=64", "--batch_size=8", "--gradient_accumulation_steps=2", "--device=cpu",
          "--compile=False", "--dropout=0.1", "--learning_rate=2e-3", "--warmup_iters=5", "--eval_iters=2"]
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the scripts
+
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rel")
-    env = prepare_synthetic_data(root, stories_per_shard=150)
-    return root, env
+def data(synthetic_data):
+    return synthetic_data
 
 
 def test_graceful_stop_and_exact_resume(data, tmp_path):

@@ -33,15 +33,6 @@ def test_export_command_line(tmp_path):
     assert out.stat().st_size > 4 * 512
 
 
-def test_pad_right_and_left():
-    enc = Tokenizer(shared_path("stories260K", "tok512.model"))
-    batch = enc.pad([{"input_ids": [1, 5, 6]}, {"input_ids": [1], "attention_mask": [1]}])
-    assert batch["input_ids"].tolist() == [[1, 5, 6], [1, 2, 2]]  # no pad id: padded with eos
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    left = enc.pad([{"input_ids": [1, 5, 6]}, {"input_ids": [1]}], padding_side="left")
-    assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
-
-
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_vocab"):
         Tokenizer(str(tmp_path / "nope.model"))
@@ -49,3 +40,24 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(ValueError, match="not a sentencepiece model"):
         Tokenizer(str(bad))
+
+
+def test_find_tokenizer_prefers_the_one_beside_the_checkpoint(tmp_path, monkeypatch):
+    """The checkpoint's config first, then tok{V}.model beside the checkpoint, then the data folder: the seed's
+    PPO command names no tokenizer, and stories260K/tok512.model (not the user's own data/tok512.model) is its."""
+    import utils
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    run_dir.mkdir()
+    monkeypatch.setattr(utils, "DATA_CACHE_DIR", str(data))
+    (data / "tok512.model").write_bytes(b"x")
+    assert utils.find_tokenizer(512, near=str(run_dir / "ckpt.pt")) == str(data / "tok512.model")
+    (run_dir / "tok512.model").write_bytes(b"x")
+    assert utils.find_tokenizer(512, near=str(run_dir / "ckpt.pt")) == str(run_dir / "tok512.model")
+    named = tmp_path / "named.model"
+    named.write_bytes(b"x")
+    assert utils.find_tokenizer(512, near=str(run_dir / "ckpt.pt"), config={"tokenizer": str(named)}) == str(named)
+    with pytest.raises(FileNotFoundError, match="pass --tokenizer"):
+        utils.find_tokenizer(300, near=str(run_dir / "ckpt.pt"))
+    with pytest.raises(ValueError, match="has 512 tokens but the model has vocab_size=300"):
+        utils.load_tokenizer(shared_path("stories260K", "tok512.model"), 300)
