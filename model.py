@@ -6,7 +6,7 @@ loops are in generate.py, checkpoint loading in export.py.
 Parameter names are Meta's / llama2.c's (tok_embeddings, layers.N.attention.wq/wk/wv/wo,
 feed_forward.w1/w2/w3, attention_norm, ffn_norm, norm, output), so checkpoints map 1:1.
 
-Read it top to bottom: ModelArgs -> ModelOutput -> RMSNorm -> RoPE -> KVCache -> Linear -> Attention ->
+Read it top to bottom: ModelArgs -> ModelOutput -> RMSNorm -> RoPE -> KVCache -> linear -> Attention ->
 FeedForward -> TransformerBlock -> Transformer -> TransformerWithValueHead.
 
 There is one forward path. Without input_pos it is a training forward over positions 0..T-1. With
@@ -118,19 +118,23 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos, k, v):
-        """Write k, v (B, H_kv, T, D) at positions input_pos (B, T): each row at its own positions (ragged
-        rows each advance from their own prompt end)."""
-        rows = torch.arange(k.size(0), device=k.device)[:, None]
-        # two advanced indices around a slice index (B, T, H_kv, D): the layout of k.transpose(1, 2)
-        self.k[rows, :, input_pos] = k.transpose(1, 2)
-        self.v[rows, :, input_pos] = v.transpose(1, 2)
+        """Write k, v (B, T, H_kv, D) at positions input_pos (B, T): each row at its own positions (ragged
+        rows each advance from their own prompt end). Two advanced indices around a slice index select
+        (B, T, H_kv, D): the layout k and v come in."""
+        rows = torch.arange(k.size(0), device=k.device)
+        if k.size(1) == 1:  # a decode step, the hot path: 1-d indices are the cheapest scatter
+            self.k[rows, :, input_pos[:, 0]] = k[:, 0]
+            self.v[rows, :, input_pos[:, 0]] = v[:, 0]
+        else:
+            self.k[rows[:, None], :, input_pos] = k
+            self.v[rows[:, None], :, input_pos] = v
 
 
 # -----------------------------------------------------------------------------
 # A decode step multiplies a few rows by every weight matrix: one matrix-vector product per row, bound by
 # how fast the weights stream from memory. The plain x @ W.T is not the fastest form of that on a CPU
 # (bench/bench_generate.py; 2-core AMD EPYC, MKL: the 32000x288 classifier takes 3.8 ms at batch 1 as
-# x @ W.T, 1.2 ms for the same bytes in the other orientation). So for one position per row:
+# x @ W.T, 1.2 ms for the same bytes in the other orientation). So linear() computes one position per row:
 #   - compiled, up to FUSED_MATVEC_MAX_ROWS rows: a broadcast multiply-sum, which inductor fuses into one
 #     loop streaming each weight row once (also used for attention over the cache);
 #   - more than FUSED_MATVEC_MAX_ROWS rows: W @ x.T, the GEMM orientation MKL runs ~1.5x faster here;
@@ -139,28 +143,18 @@ class KVCache(nn.Module):
 FUSED_MATVEC_MAX_ROWS = 8
 
 
-def fused_matvec(rows: int) -> bool:
-    return rows <= FUSED_MATVEC_MAX_ROWS and torch.compiler.is_compiling()
-
-
-class Linear(nn.Linear):
-    """nn.Linear without bias whose inputs with one position per row (decode steps) take the fastest form
-    above; inputs with several positions (training, prefill) run as F.linear."""
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features, bias=False)
-
-    def forward(self, x):
-        if x.dim() < 2 or x.size(-2) != 1:
-            return F.linear(x, self.weight)
-        rows = x.reshape(-1, x.size(-1))  # (B, 1, in) -> (B, in)
-        if rows.size(0) > FUSED_MATVEC_MAX_ROWS:
-            y = (self.weight @ rows.t()).t()
-        elif fused_matvec(rows.size(0)):
-            y = (rows[:, None, :] * self.weight).sum(-1)
-        else:
-            y = F.linear(rows, self.weight)
-        return y.view(*x.shape[:-1], self.out_features)
+def linear(x, weight):
+    """x @ weight.T for x (B, T, in), the projection every layer uses (the weights are bias-free nn.Linear
+    modules, for their names). Several positions per row (training, prefill) run as F.linear; one position per
+    row (a decode step) in the form above for its row count. A plain function, not a module call: a decode
+    step makes 36 of them for the 260K model, and eager generation feels every microsecond of overhead."""
+    if x.size(1) != 1:
+        return F.linear(x, weight)
+    if x.size(0) > FUSED_MATVEC_MAX_ROWS:
+        return (weight @ x[:, 0].t()).t()[:, None]
+    if torch.compiler.is_compiling():
+        return (x[:, :, None, :] * weight).sum(-1)
+    return F.linear(x, weight)
 
 
 class Attention(nn.Module):
@@ -168,60 +162,60 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.n_rep = self.n_heads // self.n_kv_heads
-        self.wq = Linear(args.dim, args.n_heads * self.head_dim)
-        self.wk = Linear(args.dim, args.n_kv_heads * self.head_dim)
-        self.wv = Linear(args.dim, args.n_kv_heads * self.head_dim)
-        self.wo = Linear(args.n_heads * self.head_dim, args.dim)
-        self.resid_dropout = nn.Dropout(args.dropout)
-        self.dropout = args.dropout
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.dropout = args.dropout  # on the attention probabilities and on the output
         self.kv_cache: Optional[KVCache] = None  # created by Transformer.setup_caches, only to generate
 
     def forward(self, x, cos, sin, input_pos=None, cache_mask=None):
         """x (B, T, dim). With input_pos (B, T) the keys/values are also written into the cache; a decode
         step (T == 1) then attends to the whole cache through cache_mask (B, 1, 1, cache_len)."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q = linear(x, self.wq.weight).view(B, T, self.n_heads, self.head_dim)
+        k = linear(x, self.wk.weight).view(B, T, self.n_kv_heads, self.head_dim)
+        v = linear(x, self.wv.weight).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if input_pos is not None:
             self.kv_cache.update(input_pos, k, v)
         if cache_mask is None:
             # training, or a prefill from position 0: the T positions here are all there is to attend to.
             # No materialised mask: SDPA picks its fused causal kernel.
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
             y = F.scaled_dot_product_attention(q, repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep),
                                                dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+            y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         else:
             y = self.attend_to_cache(q, cache_mask)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.resid_dropout(self.wo(y))
+        return F.dropout(linear(y, self.wo.weight), self.dropout, self.training)
 
     def attend_to_cache(self, q, cache_mask):
-        """One query per row, q (B, H, 1, D), against every cached position that cache_mask allows. The
-        n_rep query heads sharing a key/value head are grouped, so the cache is read in place (repeat_kv
-        would copy all of it every step)."""
+        """One query per row, q (B, 1, H, D), against every cached position that cache_mask allows; returns
+        (B, 1, H * D). The n_rep query heads sharing a key/value head are grouped, so the cache is read in
+        place (repeat_kv would copy all of it every step)."""
         B = q.size(0)
         k, v = self.kv_cache.k, self.kv_cache.v  # (B, H_kv, cache_len, D)
-        qg = q.reshape(B, self.n_kv_heads, self.n_rep, self.head_dim)
-        fused = fused_matvec(B)
+        qg = q.view(B, self.n_kv_heads, self.n_rep, self.head_dim)
+        fused = B <= FUSED_MATVEC_MAX_ROWS and torch.compiler.is_compiling()
         scores = (qg[:, :, :, None, :] * k[:, :, None]).sum(-1) if fused else qg @ k.transpose(-1, -2)
         scores = (scores * (1.0 / math.sqrt(self.head_dim))).masked_fill(~cache_mask, float("-inf"))
         probs = F.softmax(scores.float(), dim=-1).type_as(qg)
         y = (probs[..., None] * v[:, :, None]).sum(-2) if fused else probs @ v  # (B, H_kv, n_rep, D)
-        return y.view(B, self.n_heads, 1, self.head_dim)
+        return y.view(B, 1, self.n_heads * self.head_dim)
 
 
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, dropout: float):
         super().__init__()
-        self.w1 = Linear(dim, hidden_dim)
-        self.w2 = Linear(hidden_dim, dim)
-        self.w3 = Linear(dim, hidden_dim)
-        self.dropout = nn.Dropout(dropout)
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.dropout = dropout
 
     def forward(self, x):
-        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))  # SwiGLU
+        h = F.silu(linear(x, self.w1.weight)) * linear(x, self.w3.weight)  # SwiGLU
+        return F.dropout(linear(h, self.w2.weight), self.dropout, self.training)
 
 
 class TransformerBlock(nn.Module):
@@ -242,10 +236,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.params = params
         self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
-        self.dropout = nn.Dropout(params.dropout)
         self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
-        self.output = Linear(params.dim, params.vocab_size)
+        self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
         if params.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight  # one tensor, saved under both names
 
@@ -283,14 +276,14 @@ class Transformer(nn.Module):
         if input_pos is not None and T == 1:  # a decode step: attend to every cached position up to its own
             cached = torch.arange(self.cache_shape[1], device=tokens.device)
             cache_mask = (cached <= input_pos).view(B, 1, 1, -1)
-        h = self.dropout(self.tok_embeddings(tokens))
+        h = F.dropout(self.tok_embeddings(tokens), self.params.dropout, self.training)
         for layer in self.layers:
             h = layer(h, cos, sin, input_pos, cache_mask)
         return self.norm(h)
 
     def head(self, h, targets=None) -> ModelOutput:
         """Logits of hidden states h (B, T, dim), and the cross entropy against targets when given."""
-        logits = self.output(h)
+        logits = linear(h, self.output.weight)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)

@@ -37,7 +37,7 @@ def baseline_attention_forward(self, x, cos, sin, input_pos=None, cache_mask=Non
     causal = torch.full((T, T), float("-inf"), device=x.device).triu(1)
     scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + causal
     y = F.dropout(F.softmax(scores.float(), dim=-1).type_as(q), self.dropout, self.training) @ v
-    return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, -1)))
+    return F.dropout(self.wo(y.transpose(1, 2).reshape(B, T, -1)), self.dropout, self.training)
 
 
 def make(cfg, kind):
