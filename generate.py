@@ -104,7 +104,8 @@ def decode_step(model, tokens, input_pos):
     (B, vocab). Static shapes (the mask covers the whole cache), so it compiles once and replays for every
     step and call. Rows past the end of the cache (finished rows that keep decoding) write its last slot."""
     input_pos = input_pos.clamp(max=model.cache_shape[1] - 1)
-    return model(tokens, input_pos=input_pos[:, None]).logits[:, -1].float()
+    h = model.hidden_states(tokens, input_pos[:, None])  # (B, 1, dim); hidden_states + head, as prefill: a
+    return model.head(h).logits[:, -1].float()  # policy's forward would also compute values nobody reads
 
 
 def decode_tokens(model, tokens, input_pos, uniforms, temperature=0.0, top_k=0, top_p=1.0):

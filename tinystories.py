@@ -29,7 +29,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from tokenizer import Tokenizer
-from utils import DATA_CACHE_DIR, atomic_write
+from utils import DATA_CACHE_DIR, atomic_write, get_tokenizer_model_path
 
 DATA_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
 
@@ -194,13 +194,6 @@ def train_vocab(vocab_size: int, num_shards: int = 10):
 
 # -----------------------------------------------------------------------------
 # pretokenization
-
-def get_tokenizer_model_path(vocab_size):
-    """vocab_size 0 means the Llama 2 tokenizer (tokenizer.model in the repo root)."""
-    if vocab_size == 0:
-        return None
-    return os.path.join(DATA_CACHE_DIR, f"tok{vocab_size}.model")
-
 
 def bin_dir(vocab_size):
     return os.path.join(DATA_CACHE_DIR, "TinyStories_all_data" if vocab_size == 0 else f"tok{vocab_size}")

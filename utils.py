@@ -92,6 +92,13 @@ def pick_dtype(dtype, device):
     return dtype
 
 
+def get_tokenizer_model_path(vocab_size):
+    """Where train_vocab writes a custom tokenizer; vocab_size 0 means Llama 2's (tokenizer.model): None."""
+    if vocab_size == 0:
+        return None
+    return os.path.join(DATA_CACHE_DIR, f"tok{vocab_size}.model")
+
+
 def find_tokenizer(vocab_size, near=None, config=None):
     """The tokenizer .model of a model with vocab_size tokens: the one its checkpoint's config names, Llama 2's
     tokenizer.model for the llama2 vocabulary, tok{vocab_size}.model or tokenizer.model in the folder of the
@@ -106,7 +113,7 @@ def find_tokenizer(vocab_size, near=None, config=None):
     if near:
         folder = near if os.path.isdir(near) else os.path.dirname(near)
         candidates += [os.path.join(folder, f"tok{vocab_size}.model"), os.path.join(folder, "tokenizer.model")]
-    candidates.append(os.path.join(DATA_CACHE_DIR, f"tok{vocab_size}.model"))
+    candidates.append(get_tokenizer_model_path(vocab_size))
     for path in candidates:
         if os.path.isfile(path):
             return path
