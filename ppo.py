@@ -35,7 +35,11 @@ class PPOConfig:
     seed: int = 0
     adap_kl_ctrl: bool = True  # adaptive KL coefficient (Ziegler et al.) or a fixed one
     init_kl_coef: float = 0.2
-    kl_penalty: str = "kl"  # kl: log p - log q; abs: |kl|; mse: 0.5 kl^2; full: KL of the whole distributions
+    kl_penalty: str = "kl"  # in the reward: kl: log p - log q; abs: |kl|; mse: 0.5 kl^2; full: KL of the distributions
+    # where the KL to the reference acts: "reward" (TRL: -kl_coef * kl on every response token, summed into the
+    # returns) or "loss" (kl_coef * the k3 estimate per response token added to the loss, as GRPO does; the
+    # reward is then the score alone, so the KL never pays a story for being short)
+    kl_mode: str = "reward"
     target: float = 6.0  # the adaptive controller's target KL (per sequence)
     horizon: float = 10000.0
     gamma: float = 1.0
@@ -57,10 +61,14 @@ class PPOConfig:
     def __post_init__(self):
         if self.kl_penalty not in ("kl", "abs", "mse", "full"):
             raise ValueError(f"kl_penalty must be kl, abs, mse or full, got {self.kl_penalty!r}")
+        if self.kl_mode not in ("reward", "loss"):
+            raise ValueError(f"kl_mode must be reward or loss, got {self.kl_mode!r}")
         for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PPOConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("init_kl_coef", "vf_coef", "target", "horizon", "target_kl", "cliprange_value"):
+        if self.horizon <= 0:
+            raise ValueError(f"PPOConfig.horizon must be > 0, got {self.horizon}")
+        for name in ("init_kl_coef", "vf_coef", "target", "target_kl", "cliprange_value"):
             if getattr(self, name) < 0:
                 raise ValueError(f"PPOConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.cliprange <= 0:
@@ -170,6 +178,13 @@ class LengthReward:
         return -abs(self.target_length - length) / 100
 
 
+def repeated_ngram_rate(tokens, n=3):
+    """The fraction of a sequence's n-grams that repeat an earlier n-gram of it (0 with fewer than two):
+    degenerate text that loops scores high, the pre-trained model's stories score what they score."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return (len(grams) - len(set(grams))) / len(grams) if len(grams) > 1 else 0.0
+
+
 def stack_dicts(stats_dicts):
     """[{"a": {"b": t}}, ...] -> {"a/b": mean of t over the list} as floats."""
     flat = {}
@@ -269,9 +284,9 @@ class PPOTrainer:
 
     def compute_rewards(self, scores, logprobs, ref_logprobs, masks):
         """Per-token reward -kl_coef * kl on response tokens, plus the score on the last one.
-        Returns (rewards, non_score_rewards), both (B, T)."""
+        Returns (rewards, non_score_rewards), both (B, T). With kl_mode="loss" the KL is not a reward."""
         kl = self._kl_penalty(logprobs, ref_logprobs) * masks
-        non_score_rewards = -self.kl_ctl.value * kl
+        non_score_rewards = -self.kl_ctl.value * kl if self.config.kl_mode == "reward" else torch.zeros_like(kl)
         rewards = non_score_rewards.clone()
         last = (masks * torch.arange(masks.size(1), device=masks.device)).argmax(dim=1)  # last response token
         has_response = masks.sum(dim=1) > 0  # an empty response has no token to credit
@@ -298,8 +313,10 @@ class PPOTrainer:
         advantages = masked_whiten(advantages, mask).detach()
         return values, advantages, returns
 
-    def compute_loss(self, old_logprobs, values, logprobs, logits, vpreds, mask, advantages, returns):
-        """PPO's clipped policy loss + vf_coef * clipped value loss. Returns (loss, stats)."""
+    def compute_loss(self, old_logprobs, values, logprobs, logits, vpreds, mask, advantages, returns,
+                     ref_logprobs=None):
+        """PPO's clipped policy loss + vf_coef * clipped value loss (+ kl_coef * the per-token k3 KL estimate
+        to the reference with kl_mode="loss"). Returns (loss, stats)."""
         cfg = self.config
         vpredclipped = clip_by_value(vpreds, values - cfg.cliprange_value, values + cfg.cliprange_value)
         vf_losses1 = (vpreds - returns) ** 2
@@ -314,17 +331,25 @@ class PPOTrainer:
         pg_clipfrac = masked_mean(torch.gt(pg_losses2, pg_losses).float(), mask)
 
         loss = pg_loss + cfg.vf_coef * vf_loss
+        kl_loss = torch.zeros((), device=loss.device)
+        if cfg.kl_mode == "loss":
+            # k3 = exp(r) - r - 1 with r = log pi_ref - log pi: >= 0, and its gradient pulls each token's
+            # distribution towards the reference's without crediting a shorter story with less KL
+            log_ratio = ref_logprobs - logprobs
+            kl_loss = masked_mean(torch.exp(log_ratio) - log_ratio - 1, mask)
+            loss = loss + self.kl_ctl.value * kl_loss
         avg_ratio = masked_mean(ratio, mask).item()
         skipped = avg_ratio > cfg.ratio_threshold
         if skipped:  # a wildly off-policy minibatch: its gradients would do more harm than good
-            pg_loss, vf_loss, loss = pg_loss * 0.0, vf_loss * 0.0, loss * 0.0
+            pg_loss, vf_loss, kl_loss, loss = pg_loss * 0.0, vf_loss * 0.0, kl_loss * 0.0, loss * 0.0
 
         with torch.no_grad():
             entropy = masked_mean(entropy_from_logits(logits), mask)
             approxkl = 0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask)
             policykl = masked_mean(old_logprobs - logprobs, mask)
         stats = {
-            "loss": {"policy": pg_loss.detach(), "value": vf_loss.detach(), "total": loss.detach()},
+            "loss": {"policy": pg_loss.detach(), "value": vf_loss.detach(), "kl": kl_loss.detach(),
+                     "total": loss.detach()},
             "policy": {"entropy": entropy, "approxkl": approxkl, "policykl": policykl, "clipfrac": pg_clipfrac,
                        "advantages_mean": masked_mean(advantages, mask), "ratio": avg_ratio,
                        "skipped": float(skipped)},
@@ -389,7 +414,7 @@ class PPOTrainer:
                     mb_logprobs = logprobs_from_logits(mb_logits[:, :-1], input_ids[mb, 1:])
                     loss, train_stats = self.compute_loss(
                         logprobs[mb], values[mb], mb_logprobs, mb_logits[:, :-1], vpreds[:, :-1].float(), masks[mb],
-                        advantages[mb], returns[mb])
+                        advantages[mb], returns[mb], ref_logprobs[mb])
                     self.scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
                     epoch_stats.append(train_stats)
                 if cfg.max_grad_norm is not None:
@@ -431,6 +456,9 @@ class PPOTrainer:
             "ppo/kl_ref": mean_kl,  # the seed's name for objective/kl
             "ppo/reward_all": (scores + non_score_reward.sum(dim=1)).mean().item(),  # score + KL penalty
             "tokens/responses_len_mean": masks.sum(dim=1).mean().item(),
+            # how (un)likely the frozen pre-trained model finds the rollouts: rises when the policy hacks the reward
+            "rollout/ref_nll": self._all_reduce_mean(masked_mean(-ref_logprobs, masks).item()),
+            "rollout/policy_nll": self._all_reduce_mean(masked_mean(-logprobs, masks).item()),
         }
         for k, v in stack_dicts(train_stats).items():
             stats[f"ppo/{k}"] = v
@@ -461,6 +489,10 @@ def ppo_iteration(trainer: PPOTrainer, policy, queries: List[List[int]], reward_
                          [torch.tensor(r, device=device) for r in responses],
                          [torch.tensor(s, device=device) for s in scores])
     n = len(queries)
-    stats.update({"reward_mean": sum(scores) / n, "length_mean": sum(lengths) / n, "ended_frac": sum(ended) / n,
+    length_mean = sum(lengths) / n
+    stories = [q + r[:len(r) - e] for q, r, e in zip(queries, responses, ended)]
+    stats.update({"rollouts": n, "reward_mean": sum(scores) / n, "length_mean": length_mean, "ended_frac": sum(ended) / n,
+                  "length_std": (sum((x - length_mean) ** 2 for x in lengths) / max(1, n - 1)) ** 0.5,
+                  "rep3_rate": sum(repeated_ngram_rate(s) for s in stories) / n,
                   "rollout_s": rollout_s, "rollout_tok_per_s": sum(len(r) for r in responses) / rollout_s})
     return stats

@@ -12,7 +12,8 @@ CPU (a laptop; tiny model, a couple of minutes):
 One GPU:        python train.py --compile=True
 Many GPUs:      torchrun --standalone --nproc_per_node=4 train.py   (DDP; gloo on CPU, NCCL on CUDA)
 PPO (RLHF), from out_dir/ckpt.pt (e.g. stories260K.pt copied there):
-    python train.py --out_dir=stories260K --init_from=resume --ppo=True --batch_size=50 ... (see README)
+    python train.py config/ppo_length_cpu.py     # the length experiment on a CPU in < 10 minutes
+    python train.py --out_dir=stories260K --init_from=resume --ppo=True --batch_size=50 ... (the seed's; see README)
 """
 import math
 import os
@@ -31,7 +32,7 @@ import configurator
 from export import FormatError, load_model, load_model_state, model_args_from_checkpoint
 from model import ModelArgs, Transformer, TransformerWithValueHead
 from tinystories import BatchStream, DataError, Task, file_sha256, read_meta
-from utils import (DTYPES, MetricsLog, fail, find_tokenizer, load_checkpoint, load_tokenizer, pick_device,
+from utils import (DTYPES, MetricsLog, cosine_lr, fail, find_tokenizer, load_checkpoint, load_tokenizer, pick_device,
                    pick_dtype, plot_ppo_metrics, save_checkpoint)
 
 # -----------------------------------------------------------------------------
@@ -66,8 +67,10 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip gradients at this norm, or disable if == 0.0
 # learning rate decay
-decay_lr = True  # cosine decay after a linear warm-up
+decay_lr = True  # cosine decay after a linear warm-up, to min_lr at max_iters (a PPO run: over its own iterations)
 warmup_iters = 1000
+lr_decay_iters = 0  # where the cosine reaches min_lr (0: max_iters), as max_iters an absolute iteration number
+min_lr = 0.0
 # system
 device = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps
 dtype = "auto"  # auto (bfloat16 on CUDA if supported, else float32), float32, bfloat16, float16
@@ -83,6 +86,9 @@ ppo_epochs = 4
 init_kl_coef = 0.2  # beta of the per-token KL penalty against the frozen reference model
 adap_kl_ctrl = True  # adapt beta towards adap_kl_target (Ziegler et al. 2019)
 adap_kl_target = 6.0  # the KL to the reference (nats per story) the adaptive beta aims at (TRL: target)
+kl_horizon = 10000  # rollouts over which the adaptive beta may change by 20% (TRL: horizon)
+kl_penalty = "kl"  # the per-token KL in the reward: kl (log p - log q of the sampled token), abs, mse, full (exact)
+kl_mode = "reward"  # reward: -beta * KL in every token's reward (TRL); loss: beta * per-token KL in the loss (GRPO)
 early_stop_kl = 1.0  # stop an iteration's PPO epochs once the policy KL exceeds 1.5x this (TRL: target_kl)
 vf_coef = 0.1
 cliprange = 0.2
@@ -108,10 +114,11 @@ for _k in ("batch_size", "max_seq_len", "gradient_accumulation_steps", "eval_ite
         fail(f"--{_k} must be >= 1, got {globals()[_k]}")
 if rollouts < 0:
     fail(f"--rollouts must be >= 0 (0: 8 x batch_size), got {rollouts}")
+if min_lr < 0 or lr_decay_iters < 0:
+    fail(f"--min_lr and --lr_decay_iters must be >= 0, got --min_lr={min_lr} --lr_decay_iters={lr_decay_iters}")
 if compile not in ("auto", True, False):
     fail(f"--compile must be auto, True or False, got {compile!r}")
-lr_decay_iters = max_iters  # ~= max_iters per Chinchilla
-min_lr = 0.0  # ~= learning_rate/10 per Chinchilla
+lr_decay_iters = lr_decay_iters or max_iters  # ~= max_iters per Chinchilla
 
 # DDP: one process per device under torchrun
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -140,8 +147,8 @@ if ppo:  # every PPO setting is checked here, before anything is loaded
     from ppo import LengthReward, LengthSampler, PPOConfig, PPOTrainer, ppo_iteration
     try:
         ppoconf = PPOConfig(
-            seed=seed + seed_offset, adap_kl_ctrl=adap_kl_ctrl, init_kl_coef=init_kl_coef, kl_penalty="kl",
-            target=adap_kl_target, gamma=gamma, lam=lam, cliprange=cliprange, cliprange_value=cliprange_value,
+            seed=seed + seed_offset, adap_kl_ctrl=adap_kl_ctrl, init_kl_coef=init_kl_coef, kl_penalty=kl_penalty, kl_mode=kl_mode,
+            target=adap_kl_target, horizon=kl_horizon, gamma=gamma, lam=lam, cliprange=cliprange, cliprange_value=cliprange_value,
             vf_coef=vf_coef, batch_size=rollouts or 8 * batch_size, mini_batch_size=batch_size,
             gradient_accumulation_steps=gradient_accumulation_steps, ppo_epochs=ppo_epochs,
             max_grad_norm=grad_clip or None, early_stopping=True, target_kl=early_stop_kl)
@@ -299,9 +306,11 @@ if ppo:
     ref_model.to(device).eval().requires_grad_(False)
     ppo_trainer = PPOTrainer(ppoconf, model, ref_model, optimizer, scaler, ddp, autocast_dtype=ptdtype)
     query_length = LengthSampler(0, start_len, seed=seed + seed_offset)
+    ppo_start_iter = iter_num  # the learning-rate schedule of a PPO run counts its own iterations
     if ppo_state is not None:
         ppo_trainer.kl_ctl.value = ppo_state["kl_coef"]
         query_length.load_state_dict(ppo_state["query_length"])
+        ppo_start_iter = ppo_state.get("start_iter", ppo_start_iter)
     reward_fn = LengthReward(target_len)
     # the rollouts' decode step pays for its compile within one iteration, on CPU too
     decode_fn = compile_decode(raw_model) if use_compile or compile == "auto" else None
@@ -329,16 +338,12 @@ def estimate_loss():
 
 
 def get_lr(it):
-    """Linear warm-up, then cosine decay to min_lr at lr_decay_iters (or learning_rate throughout)."""
+    """Linear warm-up, then cosine decay to min_lr at lr_decay_iters (or learning_rate throughout). A PPO run
+    counts from its first iteration (a pre-trained checkpoint brings its own iteration count)."""
     if not decay_lr:
         return learning_rate
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    if it > lr_decay_iters:
-        return min_lr
-    decay_ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))
-    return min_lr + coeff * (learning_rate - min_lr)
+    origin = ppo_start_iter if ppo else 0
+    return cosine_lr(it - origin, learning_rate, min_lr, warmup_iters, lr_decay_iters - origin)
 
 
 def save(path, iter_num, best_val_loss, **extra):
@@ -476,7 +481,7 @@ def ppo_loop(iter_num, best_reward):
     t0 = t_start = time.time()
 
     def ppo_extra():
-        return {"best_reward": best_reward, "ppo_state": {"kl_coef": ppo_trainer.kl_ctl.value,
+        return {"best_reward": best_reward, "ppo_state": {"kl_coef": ppo_trainer.kl_ctl.value, "start_iter": ppo_start_iter,
                                                           "query_length": query_length.state_dict()}}
 
     while True:
@@ -511,11 +516,12 @@ def ppo_loop(iter_num, best_reward):
             eta = (t1 - t_start) / (iter_num + 1 - start_iter) * (max_iters - iter_num)  # through max_iters
             print(f"{iter_num} | reward {stats['reward_mean']:.4f} | length {stats['length_mean']:.1f} | kl_ref "
                   f"{stats['ppo/kl_ref']:.3f} | entropy {stats['ppo/policy/entropy']:.3f} | kl_coef "
-                  f"{stats['objective/kl_coef']:.4f} | {dt:.1f}s (rollout {stats['rollout_s']:.1f}s, "
+                  f"{stats['objective/kl_coef']:.4f} | ref_nll {stats['rollout/ref_nll']:.3f} | rep3 "
+                  f"{stats['rep3_rate']:.3f} | ended {stats['ended_frac']:.2f} | {dt:.1f}s (rollout {stats['rollout_s']:.1f}s, "
                   f"{stats['rollout_tok_per_s']:,.0f} tok/s) | eta {eta / 60:.1f} min")
             metrics.write(iter=iter_num, kl_ref=stats["ppo/kl_ref"], kl_coef=stats["objective/kl_coef"],
                           entropy=stats["ppo/policy/entropy"], time_s=dt, lr=lr,
-                          **{k: v for k, v in stats.items() if isinstance(v, float)})
+                          **{k: v for k, v in stats.items() if isinstance(v, (int, float))})
         iter_num += 1
 
         if stop.requested():

@@ -8,7 +8,10 @@ from conftest import prepare_synthetic_data, run, script
 from generate import generate_withcache
 from model import ModelArgs, Transformer, TransformerWithValueHead
 from ppo import (AdaptiveKLController, FixedKLController, LengthReward, LengthSampler, PPOConfig, PPOTrainer,
-                 clip_by_value, entropy_from_logits, logprobs_from_logits, masked_mean, masked_var, masked_whiten)
+                 ppo_iteration,
+                 clip_by_value, entropy_from_logits, logprobs_from_logits, masked_mean, masked_var, masked_whiten,
+                 repeated_ngram_rate)
+from utils import cosine_lr
 
 SMALL = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32, multiple_of=4, max_seq_len=64)
 
@@ -96,6 +99,29 @@ def test_rewards_for_each_kl_penalty(kind):
     torch.testing.assert_close(rewards[0], want)
 
 
+def test_kl_in_the_loss_by_hand():
+    """kl_mode="loss": the reward is the score alone, and the loss gains kl_coef * mean k3 over response tokens,
+    k3 = exp(r) - r - 1 with r = log pi_ref - log pi (GRPO's estimator)."""
+    trainer = make_trainer(PPOConfig(batch_size=1, mini_batch_size=1, kl_mode="loss", init_kl_coef=0.5))
+    mask = torch.tensor([[0.0, 1, 1, 0]])
+    lp = torch.tensor([[-1.0, -0.5, -2.0, -1.0]], requires_grad=True)
+    ref = torch.tensor([[-1.0, -1.5, -1.0, -3.0]])
+    rewards, non_score = trainer.compute_rewards(torch.tensor([2.0]), lp.detach(), ref, mask)
+    assert non_score.abs().sum() == 0 and rewards.tolist() == [[0.0, 0.0, 2.0, 0.0]]
+    zeros = torch.zeros(1, 4)
+    args = (lp.detach(), zeros, lp, torch.zeros(1, 4, 3), zeros, mask, zeros, zeros)  # zero advantages and returns
+    loss, stats = trainer.compute_loss(*args, ref_logprobs=ref)
+    r1, r2 = -1.0, 1.0  # log ratios of the two response tokens
+    k3 = ((math.exp(r1) - r1 - 1) + (math.exp(r2) - r2 - 1)) / 2
+    assert stats["loss"]["kl"].item() == pytest.approx(k3)
+    assert loss.item() == pytest.approx(0.5 * k3)  # policy and value losses are 0 here
+    loss.backward()  # d/d logp of k3 = 1 - exp(r), averaged over the 2 tokens, times kl_coef
+    torch.testing.assert_close(lp.grad, torch.tensor([[0.0, 0.25 * (1 - math.exp(r1)), 0.25 * (1 - math.exp(r2)), 0.0]]))
+    # in the default mode the same call adds nothing
+    plain = make_trainer(PPOConfig(batch_size=1, mini_batch_size=1, init_kl_coef=0.5))
+    assert plain.compute_loss(*args, ref_logprobs=ref)[0].item() == 0.0
+
+
 def test_empty_response_gets_no_score_and_does_not_crash():
     trainer = make_trainer(PPOConfig(batch_size=1, mini_batch_size=1))
     rewards, _ = trainer.compute_rewards(torch.tensor([5.0]), torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(1, 3))
@@ -143,6 +169,50 @@ def test_ratio_threshold_skips_the_minibatch():
     assert loss.item() == 0.0 and stats["policy"]["skipped"] == 1.0
 
 
+def test_repeated_ngram_rate_by_hand():
+    assert repeated_ngram_rate([1, 2, 3, 4, 5]) == 0.0  # 3 distinct 3-grams
+    assert repeated_ngram_rate([1, 2, 3, 1, 2, 3]) == pytest.approx(1 / 4)  # (1,2,3) twice among 4
+    assert repeated_ngram_rate([7, 7, 7, 7, 7]) == pytest.approx(2 / 3)  # (7,7,7) three times: 2 repeats
+    assert repeated_ngram_rate([1, 2, 1, 2, 1], n=2) == pytest.approx(2 / 4)
+    assert repeated_ngram_rate([1, 2, 3]) == 0.0 and repeated_ngram_rate([]) == 0.0  # fewer than two 3-grams
+
+
+def test_reference_nll_and_rollout_metrics_by_hand():
+    """rollout/ref_nll is the mean negative log-likelihood of the response tokens under the frozen reference;
+    ended_frac, length_std and rep3_rate describe the stories ppo_iteration generated."""
+    trainer = make_trainer(PPOConfig(batch_size=8, mini_batch_size=4, ppo_epochs=1))
+    queries, responses, scores = rollouts(8)
+    stats = trainer.step(queries, responses, scores)
+    total, count = 0.0, 0
+    for q, r in zip(queries, responses):
+        ids = torch.cat([q, r])
+        logp = torch.log_softmax(trainer.ref_model(ids[None]).logits[0].double(), -1)
+        for t in range(len(q), len(ids)):
+            total -= logp[t - 1, ids[t]].item()
+            count += 1
+    assert stats["rollout/ref_nll"] == pytest.approx(total / count, rel=1e-5)
+    # before the first update the policy is the reference
+    assert stats["rollout/policy_nll"] == pytest.approx(stats["rollout/ref_nll"], rel=1e-5)
+
+    # ppo_iteration: two rollouts end with the stop token (2), two run out of budget
+    trainer = make_trainer(PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1))
+    canned = [[5, 6, 5, 6, 5, 2], [7, 8, 9], [4, 2], [3, 3, 3, 3]]
+    import ppo as ppo_module
+    real = ppo_module.generate_withcache
+    ppo_module.generate_withcache = lambda *a, **k: [list(r) for r in canned]
+    try:
+        lengths = []
+        stats = ppo_iteration(trainer, trainer.model, [[1], [1], [1, 4], [1]], lambda n: lengths.append(n) or -n / 10,
+                              max_gen_len=4, stop_id=2)
+    finally:
+        ppo_module.generate_withcache = real
+    assert lengths == [6, 4, 3, 5]  # query + response, the end token not counted
+    assert stats["ended_frac"] == 0.5 and stats["length_mean"] == 4.5
+    assert stats["length_std"] == pytest.approx(math.sqrt(((6 - 4.5) ** 2 + 0.25 + 1.5 ** 2 + 0.25) / 3))
+    # stories [1,5,6,5,6,5] (3-grams 156 565 656 565: one repeat of 4), [1,7,8,9] (0), [1,4,4] (0), [1,3,3,3,3] (1 of 3)
+    assert stats["rep3_rate"] == pytest.approx((1 / 4 + 0 + 0 + 1 / 3) / 4)
+
+
 def test_adaptive_kl_controller_moves_both_ways():
     ctl = AdaptiveKLController(0.2, target=6.0, horizon=10000)
     ctl.update(12.0, n_steps=400)
@@ -150,6 +220,12 @@ def test_adaptive_kl_controller_moves_both_ways():
     up = ctl.value
     ctl.update(3.0, n_steps=400)
     assert ctl.value < up
+    # a horizon suited to the batch: 512 rollouts, 128 per step, so at most 5% per step
+    ctl = AdaptiveKLController(0.2, target=8.0, horizon=512)
+    ctl.update(4.0, n_steps=128)  # error 4/8 - 1 = -0.5, clipped to -0.2: 0.2 * (1 - 0.2 * 128/512)
+    assert ctl.value == pytest.approx(0.19)
+    ctl.update(9.0, n_steps=128)  # error +0.125: * (1 + 0.125 / 4)
+    assert ctl.value == pytest.approx(0.19 * 1.03125)
     fixed = FixedKLController(0.3)
     fixed.update(100.0, 400)
     assert fixed.value == 0.3
@@ -160,6 +236,8 @@ def test_adaptive_kl_controller_moves_both_ways():
     (dict(init_kl_coef=-0.1), "init_kl_coef must be >= 0"),
     (dict(cliprange=0.0), "cliprange must be > 0"),
     (dict(kl_penalty="js"), "kl_penalty must be"),
+    (dict(kl_mode="both"), "kl_mode must be reward or loss"),
+    (dict(horizon=0), "horizon must be > 0"),
     (dict(mini_batch_size=0), "mini_batch_size must be >= 1"),
     (dict(batch_size=8, mini_batch_size=4, gradient_accumulation_steps=2, backward_batch_size=4), "must equal"),
 ])
@@ -285,6 +363,38 @@ def test_ppo_lowers_the_length_when_short_stories_pay():
     assert mean_lengths[-1] < 0.5 * mean_lengths[0], mean_lengths
 
 
+def test_ppo_reaches_a_target_length_and_holds_it():
+    """The seed's experiment in miniature: reward -|8 - length| / 10 from a small random model whose stories run
+    ~17 tokens; KL in the loss, learning rate decayed over the run. The mean length must reach the target and
+    then stay near it (the "holds" property, not only "moves")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same arithmetic on every machine
+    try:
+        torch.manual_seed(0)
+        args = ModelArgs(**SMALL)
+        policy = TransformerWithValueHead(args)
+        ref = Transformer(args)
+        ref.load_state_dict({k: v for k, v in policy.state_dict().items() if not k.startswith("value_head")})
+        ref.eval().requires_grad_(False)
+        cfg = PPOConfig(batch_size=64, mini_batch_size=32, ppo_epochs=2, init_kl_coef=0.1, adap_kl_ctrl=False,
+                        lam=1.0, kl_mode="loss", seed=0)
+        trainer = PPOTrainer(cfg, policy, ref, torch.optim.AdamW(policy.parameters(), lr=2e-3))
+        iterations, lengths = 25, []
+        for it in range(iterations):
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = cosine_lr(it, 2e-3, 2e-4, 0, iterations)
+            stats = ppo_iteration(trainer, policy, [[1]] * 64, lambda n: -abs(8 - n) / 10, max_gen_len=24, stop_id=2)
+            lengths.append(stats["length_mean"])
+    finally:
+        torch.set_num_threads(threads)
+    assert lengths[0] > 14, lengths
+    reached = next(i for i, n in enumerate(lengths) if abs(n - 8) <= 1.5)
+    assert reached <= 12, lengths
+    after = lengths[reached:]
+    assert len(after) >= 10 and all(4 <= n <= 12 for n in after), lengths  # held, not only crossed
+    assert abs(sum(lengths[-10:]) / 10 - 8) <= 1.5, lengths
+
+
 # --- train.py --ppo=True, single process and torchrun ----------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -311,19 +421,27 @@ def test_train_py_ppo_runs_saves_and_resumes(tiny_run, tmp_path):
     root, env, model = tiny_run
     out = tmp_path / "out"
     shutil.copytree(root / "out", out)
-    run([script("train.py"), f"--out_dir={out}", *model, *PPO_FLAGS, "--max_iters=33", "--eval_interval=2"], env=env)
+    # a cosine schedule over the PPO run's own iterations (30..33), not over the pre-training count
+    schedule = ["--decay_lr=True", "--warmup_iters=0", "--min_lr=1e-4"]
+    run([script("train.py"), f"--out_dir={out}", *model, *PPO_FLAGS, *schedule, "--max_iters=33", "--eval_interval=2"],
+        env=env)
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     ppo_rows = [r for r in rows if "reward_mean" in r]
     assert [r["iter"] for r in ppo_rows] == [30, 31, 32, 33]
+    assert [r["lr"] for r in ppo_rows] == pytest.approx([1e-3, 1e-4 + 0.75 * 9e-4, 1e-4 + 0.25 * 9e-4, 1e-4])
+    assert all(k in ppo_rows[0] for k in ("rollout/ref_nll", "rep3_rate", "ended_frac", "length_std"))
     assert all(k in ppo_rows[0] for k in ("iter", "reward_mean", "length_mean", "kl_ref", "kl_coef", "entropy", "time_s"))
     assert (out / "ppo_ckpt.pt").exists()
     ck = torch.load(out / "ppo_ckpt.pt", weights_only=True)
     assert "value_head.weight" in ck["model"] and ck["ppo_state"]["kl_coef"] > 0
     # resume continues the PPO run (its iteration, policy and KL coefficient), not the pre-training one
-    proc = run([script("train.py"), f"--out_dir={out}", *model, *PPO_FLAGS, f"--max_iters={ck['iter_num'] + 1}",
-                "--eval_interval=100"], env=env)
+    assert ck["ppo_state"]["start_iter"] == 30
+    proc = run([script("train.py"), f"--out_dir={out}", *model, *PPO_FLAGS, *schedule,
+                f"--max_iters={ck['iter_num'] + 1}", "--eval_interval=100"], env=env)
     assert f"Resuming training from {out / 'ppo_ckpt.pt'}" in proc.stdout
     assert f"{ck['iter_num']} | reward" in proc.stdout
+    resumed = [json.loads(line) for line in open(out / "metrics.jsonl")][-1]  # the schedule still counts from 30
+    assert resumed["lr"] == pytest.approx(cosine_lr(ck["iter_num"] - 30, 1e-3, 1e-4, 0, ck["iter_num"] + 1 - 30))
 
 
 @pytest.mark.slow

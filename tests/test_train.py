@@ -83,6 +83,10 @@ def test_a_resumed_run_keeps_its_context_and_init_from_takes_the_window(syntheti
     ("--adap_kl_target=-1", ["target"]),
     ("--lam=2", ["lam"]),
     ("--ppo_epochs=0", ["--ppo_epochs"]),
+    ("--kl_horizon=0", ["horizon"]),
+    ("--kl_mode=both", ["kl_mode", "reward or loss"]),
+    ("--min_lr=-1e-4", ["--min_lr"]),
+    ("--lr_decay_iters=-5", ["--lr_decay_iters"]),
 ])
 def test_bad_ppo_settings_get_a_one_line_error(tmp_path, flag, names):
     proc = run([script("train.py"), f"--out_dir={tmp_path}", *MODEL, "--ppo=True", flag], check=False)
@@ -95,3 +99,14 @@ def test_an_unknown_flag_suggests_the_closest_known_ones(tmp_path):
     one_line_error(proc, "unknown config key --batch_sise", "did you mean --batch_size?")
     proc = run([script("train.py"), f"--out_dir={tmp_path}", "--no_such_flag=1"], check=False)
     one_line_error(proc, "unknown config key --no_such_flag")
+
+
+def test_cosine_lr_by_hand():
+    from utils import cosine_lr
+    assert cosine_lr(0, 1e-3, 1e-4, 2, 10) == pytest.approx(1e-3 / 3)  # warm-up: (it + 1) / (warmup + 1)
+    assert cosine_lr(1, 1e-3, 1e-4, 2, 10) == pytest.approx(2e-3 / 3)
+    assert cosine_lr(2, 1e-3, 1e-4, 2, 10) == pytest.approx(1e-3)  # decay starts at the peak
+    assert cosine_lr(6, 1e-3, 1e-4, 2, 10) == pytest.approx(1e-4 + 0.5 * 9e-4)  # half way: cos(pi/2) = 0
+    assert cosine_lr(10, 1e-3, 1e-4, 2, 10) == pytest.approx(1e-4)
+    assert cosine_lr(11, 1e-3, 1e-4, 2, 10) == 1e-4  # after the decay: min_lr
+    assert cosine_lr(0, 1e-3, 0.0, 0, 4) == 1e-3 and cosine_lr(1, 1e-3, 0.0, 0, 4) == pytest.approx(1e-3 * (2 + 2 ** 0.5) / 4)
