@@ -1,10 +1,11 @@
 """
 Summarise PPO runs of the length experiment against the targets of config/ppo_length_cpu.py: when the mean
 length first entered target +- 10 (and after how many rollouts), how many consecutive iterations it then stayed,
-whether any later iteration left target +- 20, and the final length, reward, KL to the reference, entropy,
-reference NLL and repeated-3-gram rate. One markdown row per metrics file (train.py writes out_dir/metrics.jsonl).
+the longest stretch in the band, whether any iteration after that stretch began left target +- 20, and the final
+length, reward, KL to the reference, entropy, reference NLL and repeated-3-gram rate. One markdown row per metrics file (train.py writes out_dir/metrics.jsonl).
 
     python bench/ppo_summary.py stories260K/metrics.jsonl [other runs' metrics.jsonl ...] [--target=200]
+    python bench/ppo_summary.py "recipe=stories260K/metrics.jsonl" "beta 0=beta0/metrics.jsonl"   # labelled rows
 """
 import argparse
 import json
@@ -29,7 +30,8 @@ def summarise(path, target=200, band=10, outer=20, rollouts_per_iteration=None):
             longest, start = run, i - run + 1
     # rollouts generated up to and including the iteration that reached the band
     rollouts = sum(r.get("rollouts", rollouts_per_iteration) for r in rows[:reached + 1]) if reached is not None else None
-    left = [i for i in range(reached or 0, len(rows)) if abs(lengths[i] - target) > outer] if reached is not None else []
+    # after the longest stretch began, did any iteration leave target +- outer?
+    left = [i for i in range(start, len(rows)) if abs(lengths[i] - target) > outer] if start is not None else []
     last = rows[-1]
     return {"run": path, "iterations": len(rows), "reached": reached, "rollouts": rollouts, "held": held, "longest": longest, "longest_from": start,
             "left_outer": left, "length": last["length_mean"], "reward": last["reward_mean"], "kl_ref": last["kl_ref"],
@@ -44,12 +46,13 @@ if __name__ == "__main__":
     parser.add_argument("--rollouts", type=int, default=None, help="rollouts per iteration, for logs that lack them")
     args = parser.parse_args()
     print("| run | iterations | first in 200 ± 10 (iteration, rollouts) | then consecutive in the band | longest stretch (from) | "
-          "later iterations outside ± 20 | final length | reward | kl_ref | entropy | ref NLL | rep3 | loop seconds |")
+          "outside 200 ± 20 after the stretch began | final length | reward | kl_ref | entropy | ref NLL | rep3 | loop seconds |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for p in args.paths:
+    for arg in args.paths:
+        label, _, p = arg.rpartition("=") if "=" in arg else (arg, "", arg)
         s = summarise(p, args.target, rollouts_per_iteration=args.rollouts)
         first = "never" if s["reached"] is None else f"{s['reached']} ({s['rollouts']})"
         longest = f"{s['longest']} ({s['longest_from']})" if s["longest"] else "0"
-        print(f"| {p} | {s['iterations']} | {first} | {s['held']} | {longest} | {len(s['left_outer'])} | {s['length']:.1f} | "
+        print(f"| {label} | {s['iterations']} | {first} | {s['held']} | {longest} | {len(s['left_outer'])} | {s['length']:.1f} | "
               f"{s['reward']:.3f} | {s['kl_ref']:.2f} | {s['entropy']:.3f} | {s['ref_nll'] or float('nan'):.3f} | "
               f"{s['rep3'] or float('nan'):.3f} | {s['seconds']:.0f} |")

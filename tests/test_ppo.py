@@ -440,7 +440,8 @@ def test_train_py_ppo_runs_saves_and_resumes(tiny_run, tmp_path):
                 f"--max_iters={ck['iter_num'] + 1}", "--eval_interval=100"], env=env)
     assert f"Resuming training from {out / 'ppo_ckpt.pt'}" in proc.stdout
     assert f"{ck['iter_num']} | reward" in proc.stdout
-    resumed = [json.loads(line) for line in open(out / "metrics.jsonl")][-1]  # the schedule still counts from 30
+    resumed = [r for r in map(json.loads, open(out / "metrics.jsonl")) if r.get("iter") == ck["iter_num"]
+               and "reward_mean" in r][-1]  # the resumed run's first iteration: the schedule still counts from 30
     assert resumed["lr"] == pytest.approx(cosine_lr(ck["iter_num"] - 30, 1e-3, 1e-4, 0, ck["iter_num"] + 1 - 30))
 
 
