@@ -32,8 +32,8 @@ import configurator
 from export import FormatError, load_model, load_model_state, model_args_from_checkpoint
 from model import ModelArgs, Transformer, TransformerWithValueHead
 from tinystories import BatchStream, DataError, Task, file_sha256, read_meta
-from utils import (DTYPES, MetricsLog, cosine_lr, fail, find_tokenizer, load_checkpoint, load_tokenizer, pick_device,
-                   pick_dtype, plot_ppo_metrics, save_checkpoint)
+from utils import (DTYPES, MetricsLog, cosine_lr, fail, find_tokenizer, load_checkpoint, load_tokenizer,
+                   pick_device, pick_dtype, plot_ppo_metrics, save_checkpoint)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -147,9 +147,9 @@ if ppo:  # every PPO setting is checked here, before anything is loaded
     from ppo import LengthReward, LengthSampler, PPOConfig, PPOTrainer, ppo_iteration
     try:
         ppoconf = PPOConfig(
-            seed=seed + seed_offset, adap_kl_ctrl=adap_kl_ctrl, init_kl_coef=init_kl_coef, kl_penalty=kl_penalty, kl_mode=kl_mode,
-            target=adap_kl_target, horizon=kl_horizon, gamma=gamma, lam=lam, cliprange=cliprange, cliprange_value=cliprange_value,
-            vf_coef=vf_coef, batch_size=rollouts or 8 * batch_size, mini_batch_size=batch_size,
+            seed=seed + seed_offset, adap_kl_ctrl=adap_kl_ctrl, init_kl_coef=init_kl_coef, target=adap_kl_target,
+            horizon=kl_horizon, kl_penalty=kl_penalty, kl_mode=kl_mode, gamma=gamma, lam=lam, cliprange=cliprange,
+            cliprange_value=cliprange_value, vf_coef=vf_coef, batch_size=rollouts or 8 * batch_size, mini_batch_size=batch_size,
             gradient_accumulation_steps=gradient_accumulation_steps, ppo_epochs=ppo_epochs,
             max_grad_norm=grad_clip or None, early_stopping=True, target_kl=early_stop_kl)
     except ValueError as e:
@@ -481,8 +481,9 @@ def ppo_loop(iter_num, best_reward):
     t0 = t_start = time.time()
 
     def ppo_extra():
-        return {"best_reward": best_reward, "ppo_state": {"kl_coef": ppo_trainer.kl_ctl.value, "start_iter": ppo_start_iter,
-                                                          "query_length": query_length.state_dict()}}
+        return {"best_reward": best_reward, "ppo_state": {"kl_coef": ppo_trainer.kl_ctl.value,
+                                                          "query_length": query_length.state_dict(),
+                                                          "start_iter": ppo_start_iter}}
 
     while True:
         lr = get_lr(iter_num)
@@ -517,7 +518,8 @@ def ppo_loop(iter_num, best_reward):
             print(f"{iter_num} | reward {stats['reward_mean']:.4f} | length {stats['length_mean']:.1f} | kl_ref "
                   f"{stats['ppo/kl_ref']:.3f} | entropy {stats['ppo/policy/entropy']:.3f} | kl_coef "
                   f"{stats['objective/kl_coef']:.4f} | ref_nll {stats['rollout/ref_nll']:.3f} | rep3 "
-                  f"{stats['rep3_rate']:.3f} | ended {stats['ended_frac']:.2f} | {dt:.1f}s (rollout {stats['rollout_s']:.1f}s, "
+                  f"{stats['rep3_rate']:.3f} | ended {stats['ended_frac']:.2f} | {dt:.1f}s "
+                  f"(rollout {stats['rollout_s']:.1f}s, "
                   f"{stats['rollout_tok_per_s']:,.0f} tok/s) | eta {eta / 60:.1f} min")
             metrics.write(iter=iter_num, kl_ref=stats["ppo/kl_ref"], kl_coef=stats["objective/kl_coef"],
                           entropy=stats["ppo/policy/entropy"], time_s=dt, lr=lr,
