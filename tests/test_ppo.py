@@ -370,15 +370,9 @@ def test_ppo_reaches_a_target_length_and_holds_it():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same arithmetic on every machine
     try:
-        torch.manual_seed(0)
-        args = ModelArgs(**SMALL)
-        policy = TransformerWithValueHead(args)
-        ref = Transformer(args)
-        ref.load_state_dict({k: v for k, v in policy.state_dict().items() if not k.startswith("value_head")})
-        ref.eval().requires_grad_(False)
-        cfg = PPOConfig(batch_size=64, mini_batch_size=32, ppo_epochs=2, init_kl_coef=0.1, adap_kl_ctrl=False,
-                        lam=1.0, kl_mode="loss", seed=0)
-        trainer = PPOTrainer(cfg, policy, ref, torch.optim.AdamW(policy.parameters(), lr=2e-3))
+        trainer = make_trainer(PPOConfig(batch_size=64, mini_batch_size=32, ppo_epochs=2, init_kl_coef=0.1,
+                                         adap_kl_ctrl=False, lam=1.0, kl_mode="loss", seed=0))
+        policy = trainer.model
         iterations, lengths = 25, []
         for it in range(iterations):
             for group in trainer.optimizer.param_groups:
