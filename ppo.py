@@ -56,6 +56,7 @@ class PPOConfig:
     target_kl: float = 1.0  # early stopping: stop the epochs once the policy KL exceeds 1.5 * target_kl
     ratio_threshold: float = 10.0  # skip minibatches whose mean ratio exceeds this (loss spikes)
     whiten_rewards: bool = False
+    ptx_coef: float = 0.0  # PPO-ptx (InstructGPT): + ptx_coef x a pre-training LM loss in every minibatch
     backward_batch_size: Optional[int] = None  # derived: mini_batch_size * gradient_accumulation_steps
 
     def __post_init__(self):
@@ -68,7 +69,7 @@ class PPOConfig:
                 raise ValueError(f"PPOConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.horizon <= 0:
             raise ValueError(f"PPOConfig.horizon must be > 0, got {self.horizon}")
-        for name in ("init_kl_coef", "vf_coef", "target", "target_kl", "cliprange_value"):
+        for name in ("init_kl_coef", "vf_coef", "target", "target_kl", "cliprange_value", "ptx_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"PPOConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.cliprange <= 0:
@@ -208,10 +209,14 @@ def flatten_dict(d, prefix=""):
 
 class PPOTrainer:
     def __init__(self, config: PPOConfig, model, ref_model, optimizer, scaler=None, is_ddp=False,
-                 autocast_dtype=None):
+                 autocast_dtype=None, ptx_loss_fn=None):
         """model: a TransformerWithValueHead (possibly compiled and/or DDP-wrapped) whose output has logits
         and values; ref_model: a frozen Transformer (values None).
-        autocast_dtype: bf16/fp16 autocast for every forward (old log-probs and training alike)."""
+        autocast_dtype: bf16/fp16 autocast for every forward (old log-probs and training alike).
+        ptx_loss_fn: () -> the language-model loss of a fresh pre-training batch (needed when ptx_coef > 0)."""
+        if config.ptx_coef > 0 and ptx_loss_fn is None:
+            raise ValueError("PPOConfig.ptx_coef > 0 needs a ptx_loss_fn (the pre-training batches)")
+        self.ptx_loss_fn = ptx_loss_fn
         self.config = config
         self.model, self.ref_model, self.optimizer = model, ref_model, optimizer
         self.scaler = scaler if scaler is not None else torch.amp.GradScaler("cpu", enabled=False)
@@ -415,6 +420,11 @@ class PPOTrainer:
                     loss, train_stats = self.compute_loss(
                         logprobs[mb], values[mb], mb_logprobs, mb_logits[:, :-1], vpreds[:, :-1].float(), masks[mb],
                         advantages[mb], returns[mb], ref_logprobs[mb])
+                    if cfg.ptx_coef > 0:  # keep the pre-training distribution while chasing the reward
+                        with self.autocast():
+                            ptx_loss = self.ptx_loss_fn()
+                        loss = loss + cfg.ptx_coef * ptx_loss
+                        train_stats["loss"]["ptx"] = ptx_loss.detach()
                     self.scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
                     epoch_stats.append(train_stats)
                 if cfg.max_grad_norm is not None:
@@ -469,12 +479,14 @@ class PPOTrainer:
 # one iteration of the seed's loop (section 3.2.1): queries -> rollouts -> rewards -> PPO step
 
 def ppo_iteration(trainer: PPOTrainer, policy, queries: List[List[int]], reward_fn: Callable[[int], float],
-                  max_gen_len: int, stop_id: int, decode_fn=None) -> dict:
+                  max_gen_len: int, stop_id: int, decode_fn=None, score_fn=None) -> dict:
     """Generate a response to each query with the KV-cache generator (temperature 1, no top-k/top-p, dropout
     off), score each story (query + response, without the end token) with reward_fn(length), and take one
     PPO step. policy: the plain module (trainer.model may be its compiled or DDP wrapper).
     A response that stopped keeps its end token: choosing to stop is the very action the length reward
-    judges, so it must receive its share of the advantage. Returns step()'s stats plus the rollouts'."""
+    judges, so it must receive its share of the advantage. Returns step()'s stats plus the rollouts'.
+    score_fn: instead of reward_fn(length), score_fn(responses, ended) -> (scores, extra stats) scores whole
+    rollouts (the gold judge or a reward model on the instruction task; responses keep their end token)."""
     device = trainer.device
     t0 = time.time()
     policy.eval()
@@ -484,7 +496,11 @@ def ppo_iteration(trainer: PPOTrainer, policy, queries: List[List[int]], reward_
     rollout_s = time.time() - t0
     ended = [len(r) > 0 and r[-1] == stop_id for r in responses]
     lengths = [len(q) + len(r) - e for q, r, e in zip(queries, responses, ended)]
-    scores = [reward_fn(n) for n in lengths]
+    extra = {}
+    if score_fn is None:
+        scores = [reward_fn(n) for n in lengths]
+    else:
+        scores, extra = score_fn(responses, ended)
     stats = trainer.step([torch.tensor(q, device=device) for q in queries],
                          [torch.tensor(r, device=device) for r in responses],
                          [torch.tensor(s, device=device) for s in scores])
@@ -495,5 +511,5 @@ def ppo_iteration(trainer: PPOTrainer, policy, queries: List[List[int]], reward_
                   "length_std": (sum((x - length_mean) ** 2 for x in lengths) / max(1, n - 1)) ** 0.5,
                   "ended_frac": sum(ended) / n,
                   "rep3_rate": sum(repeated_ngram_rate(s) for s in stories) / n,
-                  "rollout_s": rollout_s, "rollout_tok_per_s": sum(len(r) for r in responses) / rollout_s})
+                  "rollout_s": rollout_s, "rollout_tok_per_s": sum(len(r) for r in responses) / rollout_s, **extra})
     return stats

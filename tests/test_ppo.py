@@ -464,3 +464,26 @@ def test_torchrun_ppo_two_processes_keep_identical_weights(tiny_run, tmp_path):
     init = torch.load(out / "ckpt.pt", weights_only=True)["model"]
     after = torch.load(out / "ppo_ckpt.pt", weights_only=True)["model"]
     assert not torch.equal(after["layers.0.attention.wq.weight"], init["layers.0.attention.wq.weight"])
+
+
+@pytest.mark.slow
+def test_train_py_ppo_on_the_instruction_task_with_gold_and_ptx(tiny_run, tmp_path):
+    """--reward=gold: instruction prompts (instruct.py) scored by the gold judge; --ptx_coef adds the
+    pre-training loss. The prompt stream's position is saved for resume."""
+    import json
+    root, env, model = tiny_run
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    flags = [f"--out_dir={out}", *model, *PPO_FLAGS, "--max_iters=31", "--eval_interval=1",
+             "--always_save_checkpoint=True", f"--instruct_dir={root / 'data' / 'TinyStories_all_data'}"]
+    proc = run([script("train.py"), *flags, "--reward=gold", "--ptx_coef=0.5", "--kinds=sentence,length"], env=env)
+    assert "| gold " in proc.stdout
+    rows = [r for r in map(json.loads, open(out / "metrics.jsonl")) if "reward_mean" in r]
+    assert [r["iter"] for r in rows] == [30, 31]
+    for r in rows:
+        assert 0.0 <= r["gold_mean"] <= 1.0 and r["reward_mean"] == pytest.approx(r["gold_mean"])
+        assert r["ppo/loss/ptx"] > 0
+    ck = torch.load(out / "ppo_ckpt.pt", weights_only=True)
+    assert ck["ppo_state"]["prompts"]["cursor"] == 2 * 16  # two iterations of 16 prompts
+    bad = run([script("train.py"), *flags, "--reward=nope.pt"], env=env, check=False)
+    assert bad.returncode == 1 and "--reward must be length, gold or the path of a reward model" in bad.stderr

@@ -1,0 +1,269 @@
+"""The RLHF chain: the instruction task's verifiers and relabelling, the losses (pairwise reward model, DPO,
+GRPO advantages, best-of-n expectation) against hand-computed values, the reward read at the last real token,
+and a tiny seeded run of every stage."""
+import itertools
+import json
+import math
+import os
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO, run, script, shared_path
+from instruct import (InstructData, WordStats, bootstrap_ci, constraint_scores, gold, has_dialogue, prompt_text,
+                      relabel, score_length, score_sentence, score_words, sentences_of, spearman, stem)
+from model import ModelArgs, TransformerWithValueHead
+from rlhf import (best_of_n_kl_bound, best_of_n_weights, clipped_token_loss, dpo_loss, group_advantages, make_batch,
+                  pad_right, response_logprobs, reward_scores)
+
+STORY = ('Once upon a time, Lily jumped over the puddles. She was happier than ever. "Look, Mom!" she said. '
+         'The sun shone on the shiny trees and Lily hopped home.')
+
+
+# -----------------------------------------------------------------------------
+# verifiers
+
+@pytest.mark.parametrize("a, b", [("jump", "jumped"), ("jump", "jumping"), ("jumps", "jump"), ("happy", "happier"),
+                                  ("happy", "happily"), ("hop", "hopped"), ("hop", "hopping"), ("bake", "baked"),
+                                  ("bake", "baking"), ("tree", "trees"), ("puppy", "puppies"), ("box", "boxes")])
+def test_stem_matches_regular_inflections(a, b):
+    assert stem(a) == stem(b)
+
+
+@pytest.mark.parametrize("a, b", [("run", "ran"), ("cat", "car"), ("glass", "glad"), ("sun", "sunny")])
+def test_stem_keeps_different_words_apart(a, b):
+    assert stem(a) != stem(b)
+
+
+def test_word_verifier_whole_words_inflections_case():
+    assert score_words(STORY, ["jump", "puddle", "shine"]) == pytest.approx(2 / 3)  # shone is irregular
+    assert score_words(STORY, ["happy", "shiny", "hop"]) == 1.0
+    assert score_words(STORY, ["lily"]) == 1.0  # case-insensitive
+    assert score_words(STORY, ["pud", "ho"]) == 0.0  # whole words only
+    assert score_words(STORY, ["tree", "home", "dog"]) == pytest.approx(2 / 3)
+
+
+def test_sentence_verifier_exact_normalised_and_partial():
+    assert score_sentence(STORY, "she was happier than ever") == 1.0  # case and punctuation aside
+    assert score_sentence(STORY, "The sun shone on the shiny trees and Lily hopped home.") == 1.0
+    # "she was happier" gives 2 of the 5 bigrams of "she was happier than a dog"
+    assert score_sentence(STORY, "She was happier than a dog.") == pytest.approx(3 / 5)
+    assert score_sentence(STORY, "A frog sat on a log.") == 0.0
+
+
+def test_dialogue_and_length_verifiers():
+    assert has_dialogue(STORY) and has_dialogue("He said, \u201cHi there.\u201d")
+    assert not has_dialogue('A story with no quotes at all. It has a "" pair.')
+    assert constraint_scores("No talk here.", {"dialogue": False}, 3) == {"dialogue": 1.0}
+    assert constraint_scores("No talk here.", {"dialogue": True}, 3) == {"dialogue": 0.0}
+    assert score_length(250, "short") == 1.0 and score_length(300, "short") == 1.0
+    assert score_length(325, "short") == pytest.approx(0.5)  # 25 tokens outside, slack 50
+    assert score_length(351, "short") == 0.0 and score_length(330, "medium") == 1.0
+
+
+def test_gold_is_the_mean_of_the_constraint_scores():
+    c = {"words": ["jump", "dog"], "dialogue": True, "length": "long"}
+    assert gold(STORY, c, 200) == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+    with pytest.raises(ValueError, match="unknown constraint"):
+        gold(STORY, {"colour": "red"}, 10)
+
+
+def test_sentences_split_on_punctuation_and_quotes():
+    assert sentences_of('A b c. "Hi!" she said. Done?') == ['A b c.', '"Hi!', 'she said.', 'Done?']
+
+
+# -----------------------------------------------------------------------------
+# relabelling
+
+def test_relabelled_constraints_are_satisfied_by_their_own_story():
+    stories = [STORY, 'Tom found a red kite. "Wow," Tom said to the dog. The kite flew over the tall hill. Tom smiled.',
+               "Mia baked a cake. The cake was sweet and soft. Her friends ate the cake. They danced all day."] * 6
+    ws = WordStats.from_stories(stories + [f"filler story {i} with words" for i in range(400)])
+    rng = random.Random(0)
+    kinds_seen = set()
+    for s in stories:
+        n = len(s) // 4
+        c = relabel(s, n, ws, rng)
+        if c is None:
+            continue
+        kinds_seen |= set(c)
+        assert all(v == 1.0 for v in constraint_scores(s, c, n).values()), c
+        text = prompt_text(c)
+        assert text.endswith("Story:") and all(k in ("words", "sentence", "dialogue", "length") for k in c)
+        for kind, field in (("words", "Words:"), ("sentence", "Random sentence:"), ("dialogue", "Features:")):
+            assert (field in text) == (kind in c)
+        if "words" in c:
+            assert 1 <= len(c["words"]) <= 3 and "lily" not in c["words"] and "tom" not in c["words"]  # no names
+            assert not set(c["words"]) & {"the", "was", "and"}
+        if "sentence" in c:
+            assert c["sentence"] != sentences_of(s)[0]  # never the first sentence
+    assert kinds_seen == {"words", "sentence", "dialogue", "length"}
+
+
+def test_instruct_data_on_the_excerpt_keeps_shard_0_apart():
+    from tokenizer import Tokenizer
+    data_dir = shared_path("tinystories", "TinyStories_all_data")
+    enc = Tokenizer(os.path.join(REPO, "stories260K", "tok512.model"))
+    data = InstructData(enc, data_dir)
+    held = data.heldout_examples()
+    train = data.train_examples(0)
+    assert held and train
+    assert not {e.story for e in held} & {e.story for e in train}
+    assert [e.constraints for e in data.heldout_examples()] == [e.constraints for e in held]  # fixed by the seed
+    assert [e.constraints for e in data.train_examples(1)] != [e.constraints for e in train]  # redrawn per epoch
+    for e in held[:50] + train[:50]:
+        assert len(e.prompt) + len(e.story_ids) + 1 <= 512
+        assert all(v == 1.0 for v in constraint_scores(e.story, e.constraints, len(e.story_ids)).values())
+
+
+# -----------------------------------------------------------------------------
+# statistics and losses by hand
+
+def test_bootstrap_and_spearman():
+    m, lo, hi = bootstrap_ci([0.0, 1.0] * 50)
+    assert m == 0.5 and 0.38 < lo < 0.5 < hi < 0.62
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3], [1, 1, 2]) == pytest.approx(math.sqrt(3) / 2)  # average ranks for ties
+
+
+def test_pairwise_reward_loss_by_hand():
+    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    loss = -F.logsigmoid(chosen - rejected).mean()
+    by_hand = (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(1))) / 2
+    assert loss.item() == pytest.approx(by_hand)
+
+
+def test_dpo_loss_by_hand():
+    losses, rc, rr = dpo_loss(torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-11.0]),
+                              torch.tensor([-11.0]), beta=0.5)
+    assert rc.item() == pytest.approx(0.5) and rr.item() == pytest.approx(-0.5)
+    assert losses.item() == pytest.approx(math.log(1 + math.exp(-1.0)))
+
+
+def test_group_advantages_by_hand():
+    r = [1.0, 0.0, 0.5, 0.5]  # two groups of two
+    a = group_advantages(r, 2, "grpo")
+    s = math.sqrt(0.5)  # unbiased std of (1, 0)
+    assert a.tolist() == pytest.approx([0.5 / (s + 1e-4), -0.5 / (s + 1e-4), 0.0, 0.0])
+    assert group_advantages(r, 2, "rloo").tolist() == pytest.approx([1.0, -1.0, 0.0, 0.0])
+    assert group_advantages(r, 2, "reinforce").tolist() == pytest.approx([0.5, -0.5, 0.0, 0.0])
+    g3 = group_advantages([3.0, 0.0, 0.0], 3, "rloo")
+    assert g3.tolist() == pytest.approx([3.0, -1.5, -1.5])
+    # the clipped loss: ratio 1 -> minus the mean advantage over all response tokens of the batch
+    lp = torch.zeros(2, 3)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    loss = clipped_token_loss(lp, lp, torch.tensor([1.0, -2.0]), mask, 0.2)
+    assert loss.item() == pytest.approx(-(1 + 1 - 2) / 3)
+    # a ratio of 2 with a positive advantage is clipped to 1.2
+    loss = clipped_token_loss(torch.full((1, 1), math.log(2.0)), torch.zeros(1, 1), torch.tensor([1.0]),
+                              torch.ones(1, 1), 0.2)
+    assert loss.item() == pytest.approx(-1.2)
+
+
+def test_best_of_n_weights_equal_the_enumeration():
+    rng = random.Random(0)
+    keys = [rng.choice([0.1, 0.5, 0.9, 1.3]) for _ in range(7)]  # with ties
+    vals = [rng.random() for _ in range(7)]
+    for n in range(1, 8):
+        w = best_of_n_weights(keys, n)
+        assert sum(w) == pytest.approx(1.0)
+        subsets = list(itertools.combinations(range(7), n))
+        # the pick of a subset: the highest key, ties to the later position (as the sort by (key, index))
+        exact = sum(vals[max(s, key=lambda i: (keys[i], i))] for s in subsets) / len(subsets)
+        assert sum(wi * v for wi, v in zip(w, vals)) == pytest.approx(exact)
+    assert best_of_n_weights(keys, 1) == pytest.approx([1 / 7] * 7)
+    assert best_of_n_kl_bound(1) == 0.0 and best_of_n_kl_bound(4) == pytest.approx(math.log(4) - 0.75)
+    with pytest.raises(ValueError):
+        best_of_n_weights(keys, 8)
+
+
+# -----------------------------------------------------------------------------
+# batches, log-probs and the reward read at the last real token
+
+def tiny_rm():
+    torch.manual_seed(0)
+    m = TransformerWithValueHead(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64,
+                                           max_seq_len=64))
+    torch.nn.init.normal_(m.value_head.weight, std=0.5)
+    return m.eval()
+
+
+def test_reward_is_read_at_the_last_real_token_and_padding_does_not_change_it():
+    rm = tiny_rm()
+    prompts, responses = [[1, 5, 6], [1, 7], [1, 8, 9, 10]], [[11, 12], [13, 14, 15, 16, 17, 18], [19]]
+    batched = reward_scores(rm, prompts, responses)
+    alone = [reward_scores(rm, [p], [r])[0] for p, r in zip(prompts, responses)]
+    assert batched == pytest.approx(alone, abs=1e-5)
+    # and it is the value at the last token of the unpadded sequence
+    seq = prompts[0] + responses[0]
+    assert alone[0] == pytest.approx(rm(torch.tensor([seq])).values[0, -1].item(), abs=1e-6)
+    tokens, last = pad_right([seq, seq + [3, 3]])
+    assert last.tolist() == [4, 6] and tokens[0, 5:].tolist() == [0, 0]
+
+
+def test_make_batch_masks_everything_but_the_response():
+    inputs, targets, last = make_batch([[1, 5, 6], [1, 7]], [[8, 9], [10]])
+    assert inputs.tolist() == [[1, 5, 6, 8], [1, 7, 0, 0]]
+    assert targets.tolist() == [[-1, -1, 8, 9], [-1, 10, -1, -1]]
+    rm = tiny_rm()
+    lp, total = response_logprobs(rm, inputs, targets)
+    logits = rm(inputs).logits.log_softmax(-1)
+    assert total[0].item() == pytest.approx((logits[0, 2, 8] + logits[0, 3, 9]).item(), abs=1e-5)
+    assert total[1].item() == pytest.approx(logits[1, 1, 10].item(), abs=1e-5)
+    assert lp[1, 2:].abs().sum().item() == 0.0
+
+
+# -----------------------------------------------------------------------------
+# every stage, tiny and seeded, on the TinyStories excerpt
+
+@pytest.mark.slow
+def test_every_stage_runs_tiny_and_seeded(tmp_path):
+    data_dir = shared_path("tinystories", "TinyStories_all_data")
+    env = {"DATA_CACHE_DIR": str(tmp_path / "data")}
+    common = [f"--data_dir={data_dir}"]
+    out = tmp_path / "rlhf"
+    run([script("sft.py"), *common, f"--out_dir={out / 'sft'}", "--max_iters=4", "--batch_size=4",
+         "--eval_interval=2"], env=env)
+    sft = str(out / "sft" / "ckpt.pt")
+    run([script("reward_model.py"), *common, f"--sft={sft}", f"--out_dir={out / 'rm'}", "--n_train_prompts=8",
+         "--n_heldout_prompts=4", "--samples_per_prompt=3", "--batch_size=2", "--compile=False"], env=env)
+    rm = json.load(open(out / "rm" / "rm.json"))
+    assert rm["train_pairs"] > 0 and 0.0 <= rm["accuracy"] <= 1.0 and set(rm["trivial"]) == {
+        "longer_wins", "shorter_wins", "length_only"}
+    run([script("dpo.py"), f"--sft={sft}", f"--pairs={out / 'rm' / 'pool_train.jsonl'}", f"--out_dir={out / 'dpo'}",
+         "--batch_size=2", "--epochs=1"], env=env)
+    rmp = str(out / "rm" / "rm.pt")
+    run([script("grpo.py"), *common, f"--sft={sft}", f"--reward={rmp}", f"--out_dir={out / 'grpo'}",
+         "--prompts_per_iter=2", "--group_size=2", "--max_iters=2", "--mini_batch_size=2", "--save_interval=1",
+         "--compile=False"], env=env)
+    assert (out / "grpo" / "ckpt_1.pt").exists() and (out / "grpo" / "ckpt.pt").exists()
+    run([script("best_of_n.py"), *common, f"--sft={sft}", f"--reward_model={rmp}", f"--out_dir={out}",
+         "--n_prompts=2", "--pool_size=4", "--compile=False"], env=env)
+    bon = json.load(open(out / "bon.json"))
+    assert [r["n"] for r in bon["rows"]] == [1, 2, 4]
+    for name, ckpt in (("sft", sft), ("dpo", out / "dpo" / "ckpt.pt"), ("grpo_rm@1", out / "grpo" / "ckpt_1.pt")):
+        run([script("evaluate.py"), *common, f"--checkpoint={ckpt}", f"--name={name}", f"--sft={sft}",
+             f"--reward_model={rmp}", f"--out_dir={out}", "--n_prompts=3", "--compile=False"], env=env)
+    e = json.load(open(out / "eval_sft.json"))
+    assert e["n"] == 3 and abs(e["kl_sft"]) < 1e-3  # the SFT model against itself
+    lines = [json.loads(x) for x in open(out / "samples_dpo.jsonl")]
+    assert len(lines) == 3 and {"prompt", "constraints", "story"} <= set(lines[0])
+    proc = run([script("evaluate.py"), f"--report={out}"], env=env)
+    assert "| dpo |" in proc.stdout and (out / "report.md").exists() and (out / "report.json").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sft.py", "--kinds=words,colour"], "--kinds must be"),
+    (["grpo.py", "--advantage=ppo"], "--advantage must be"),
+    (["grpo.py", "--group_size=1"], "--group_size must be"),
+    (["dpo.py", "--beta=0"], "--beta must be > 0"),
+    (["reward_model.py", "--samples_per_prompt=1"], "--samples_per_prompt must be"),
+    (["evaluate.py", "--report=/nonexistent/folder"], "no eval_"),
+])
+def test_bad_settings_are_refused_in_one_line(args, message):
+    proc = run([script(args[0]), *args[1:]], check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) <= 2, proc.stderr
