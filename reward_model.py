@@ -28,7 +28,7 @@ import configurator
 from generate import compile_decode
 from instruct import KINDS, InstructData, spearman
 from rlhf import (length_only_predictor, load_policy, pad_right, pair_accuracy, preference_pairs, read_jsonl,
-                  reward_scores, sample_record, sample_stories, save_policy, write_jsonl)
+                  reward_scores, rm_sequence, sample_record, sample_stories, save_policy, write_jsonl)
 from utils import MetricsLog, atomic_write, cosine_lr, fail, load_checkpoint, load_tokenizer, pick_device
 
 # -----------------------------------------------------------------------------
@@ -48,6 +48,7 @@ warmup_iters = 10
 weight_decay = 0.0
 grad_clip = 1.0
 clear_margin = 0.25  # "clear" pairs: gold differs by at least this much
+layout = "prompt_first"  # the scorer's input: prompt_first (as the policy reads it) or story_first (rlhf.rm_sequence)
 reuse_pool = True  # keep an existing pool (same settings) instead of sampling it again
 device = "auto"
 compile = "auto"  # compile the sampling decode step (pays for itself at these batch sizes)
@@ -75,6 +76,8 @@ def main():
     for name in ("n_train_prompts", "n_heldout_prompts", "batch_size", "epochs"):
         if globals()[name] < 1:
             fail(f"--{name} must be >= 1, got {globals()[name]}")
+    if layout not in ("prompt_first", "story_first"):
+        fail(f"--layout must be prompt_first or story_first, got {layout!r}")
     if samples_per_prompt < 2:
         fail(f"--samples_per_prompt must be >= 2 to make pairs, got {samples_per_prompt}")
     torch.manual_seed(seed)
@@ -104,6 +107,7 @@ def main():
 
     # 3. the scorer
     rm = load_policy(sft, dev, value_head=True)
+    rm.layout = layout
     optimizer = rm.configure_optimizers(weight_decay, learning_rate, (0.9, 0.95), dev.split(":")[0])
     metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
     steps = epochs * (len(train_pairs) // batch_size)
@@ -118,8 +122,8 @@ def main():
             lr = cosine_lr(it, learning_rate, min_lr, warmup_iters, steps)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            seqs = [train[c]["prompt_ids"] + train[c]["response"] for c, _ in batch] + \
-                   [train[r]["prompt_ids"] + train[r]["response"] for _, r in batch]
+            seqs = [rm_sequence(train[j]["prompt_ids"], train[j]["response"], layout)
+                    for j in [c for c, _ in batch] + [r for _, r in batch]]
             tokens, last = pad_right(seqs, dev)
             scores = rm(tokens).values[torch.arange(len(seqs), device=dev), last]
             chosen, rejected = scores[: len(batch)], scores[len(batch):]
@@ -136,7 +140,7 @@ def main():
                 metrics.write(iter=it, loss=loss.item(), batch_acc=acc, lr=lr)
             it += 1
     rm.eval()
-    save_policy(rm, os.path.join(out_dir, "rm.pt"), kind="reward_model", kinds=kinds, config=config)
+    save_policy(rm, os.path.join(out_dir, "rm.pt"), kind="reward_model", layout=layout, kinds=kinds, config=config)
 
     # 4. held-out evaluation
     score = reward_scores(rm, [r["prompt_ids"] for r in heldout], [r["response"] for r in heldout])

@@ -32,6 +32,7 @@ def load_policy(path, device="cpu", value_head=False, dropout=0.0):
         ckpt = load_checkpoint(path)
         model = TransformerWithValueHead(model_args_from_checkpoint(ckpt))
         load_model_state(model, ckpt["model"])
+        model.layout = ckpt.get("layout", "prompt_first")  # a reward model's input order (rm_sequence)
     else:
         model = load_model(path)[0]
     model.params = replace(model.params, dropout=dropout)
@@ -145,15 +146,27 @@ def pad_right(seqs, device="cpu"):
     return tokens.to(device), torch.tensor([len(s) - 1 for s in seqs], device=device)
 
 
+def rm_sequence(prompt, response, layout="prompt_first"):
+    """A reward model's input. prompt_first: BOS + prompt + response, as the policy sees it. story_first:
+    BOS + response + the prompt without its BOS, so the constraints sit next to the last token, where the score
+    is read, and the scorer looks back into the story instead of ~300 positions back to the prompt."""
+    if layout == "prompt_first":
+        return list(prompt) + list(response)
+    if layout == "story_first":
+        return list(prompt[:1]) + list(response) + list(prompt[1:])
+    raise ValueError(f"layout must be prompt_first or story_first, got {layout!r}")
+
+
 @torch.no_grad()
 def reward_scores(rm, prompts, responses, batch_size=64):
-    """The reward model's score of each prompt + response: its value at the last real token (the end token
-    when the story ended)."""
+    """The reward model's score of each prompt + response: its value at the last real token of its input
+    (rm_sequence in the layout it was trained with)."""
     device = rm.tok_embeddings.weight.device
+    layout = getattr(rm, "layout", "prompt_first")
     out = []
     for i in range(0, len(prompts), batch_size):
-        tokens, last = pad_right([list(p) + list(r) for p, r in zip(prompts[i:i + batch_size],
-                                                                  responses[i:i + batch_size])], device)
+        tokens, last = pad_right([rm_sequence(p, r, layout) for p, r in zip(prompts[i:i + batch_size],
+                                                                          responses[i:i + batch_size])], device)
         values = rm(tokens).values
         out += values[torch.arange(len(last), device=device), last].float().tolist()
     return out

@@ -16,7 +16,7 @@ from instruct import (InstructData, WordStats, bootstrap_ci, constraint_scores, 
                       relabel, score_length, score_sentence, score_words, sentences_of, spearman, stem)
 from model import ModelArgs, TransformerWithValueHead
 from rlhf import (best_of_n_kl_bound, best_of_n_weights, clipped_token_loss, dpo_loss, group_advantages, make_batch,
-                  pad_right, response_logprobs, reward_scores)
+                  pad_right, response_logprobs, reward_scores, rm_sequence)
 
 STORY = ('Once upon a time, Lily jumped over the puddles. She was happier than ever. "Look, Mom!" she said. '
          'The sun shone on the shiny trees and Lily hopped home.')
@@ -202,6 +202,15 @@ def test_reward_is_read_at_the_last_real_token_and_padding_does_not_change_it():
     assert alone[0] == pytest.approx(rm(torch.tensor([seq])).values[0, -1].item(), abs=1e-6)
     tokens, last = pad_right([seq, seq + [3, 3]])
     assert last.tolist() == [4, 6] and tokens[0, 5:].tolist() == [0, 0]
+    # story_first: BOS + response + the prompt's fields, read at the prompt's last token
+    assert rm_sequence([1, 5, 6], [11, 12]) == [1, 5, 6, 11, 12]
+    assert rm_sequence([1, 5, 6], [11, 12], "story_first") == [1, 11, 12, 5, 6]
+    rm.layout = "story_first"
+    batched = reward_scores(rm, prompts, responses)
+    assert batched == pytest.approx([reward_scores(rm, [p], [r])[0] for p, r in zip(prompts, responses)], abs=1e-5)
+    assert batched[0] == pytest.approx(rm(torch.tensor([[1, 11, 12, 5, 6]])).values[0, -1].item(), abs=1e-6)
+    with pytest.raises(ValueError, match="layout"):
+        rm_sequence([1], [2], "sideways")
 
 
 def test_make_batch_masks_everything_but_the_response():
