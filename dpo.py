@@ -10,7 +10,6 @@ CPU: ~3 minutes; one GPU: the same command. Logs the chosen/rejected log-probs, 
 and accuracy; writes out_dir/ckpt.pt and metrics.jsonl.
 """
 import os
-import random
 import sys
 import time
 
@@ -18,7 +17,7 @@ import torch
 
 import configurator
 from rlhf import (dpo_loss, load_policy, make_batch, preference_pairs, read_jsonl, response_logprobs, save_policy,
-                  sequence_logprobs)
+                  sequence_logprobs, shuffled_batches)
 from utils import MetricsLog, cosine_lr, fail, load_checkpoint, pick_device
 
 # -----------------------------------------------------------------------------
@@ -70,39 +69,33 @@ def main():
     metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
     optimizer = policy.configure_optimizers(0.0, learning_rate, (0.9, 0.95), dev.split(":")[0])
     steps = epochs * (len(chosen_rejected) // batch_size)
-    rng = random.Random(seed)
     policy.train()
-    it, t0 = 0, time.time()
-    for epoch in range(epochs):
-        order = chosen_rejected[:]
-        rng.shuffle(order)
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            batch = order[i: i + batch_size]
-            lr = cosine_lr(it, learning_rate, min_lr, warmup_iters, steps)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            idx = [c for c, _ in batch] + [r for _, r in batch]
-            inputs, targets, _ = make_batch([prompts[j] for j in idx], [responses[j] for j in idx], dev)
-            lp = response_logprobs(policy, inputs, targets)[1]
-            ref = torch.tensor([ref_lp[j] for j in idx], device=dev)
-            n = len(batch)
-            losses, chosen_reward, rejected_reward = dpo_loss(lp[:n], lp[n:], ref[:n], ref[n:], beta)
-            loss = losses.mean()
-            loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if it % 10 == 0:
-                margin = (chosen_reward - rejected_reward).mean().item()
-                acc = (chosen_reward > rejected_reward).float().mean().item()
-                eta = (time.time() - t0) / (it + 1) * (steps - it - 1)
-                print(f"{it}/{steps} | loss {loss.item():.4f} | margin {margin:.3f} | acc {acc:.2f} | "
-                      f"logp chosen {lp[:n].mean().item():.1f} rejected {lp[n:].mean().item():.1f} | eta {eta / 60:.1f} min")
-                metrics.write(iter=it, loss=loss.item(), margin=margin, reward_acc=acc, lr=lr,
-                              logp_chosen=lp[:n].mean().item(), logp_rejected=lp[n:].mean().item(),
-                              reward_chosen=chosen_reward.mean().item(), reward_rejected=rejected_reward.mean().item())
-            it += 1
+    t0 = time.time()
+    for it, batch in shuffled_batches(chosen_rejected, batch_size, epochs, seed):
+        lr = cosine_lr(it, learning_rate, min_lr, warmup_iters, steps)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        idx = [c for c, _ in batch] + [r for _, r in batch]
+        inputs, targets, _ = make_batch([prompts[j] for j in idx], [responses[j] for j in idx], dev)
+        lp = response_logprobs(policy, inputs, targets)[1]
+        ref = torch.tensor([ref_lp[j] for j in idx], device=dev)
+        n = len(batch)
+        losses, chosen_reward, rejected_reward = dpo_loss(lp[:n], lp[n:], ref[:n], ref[n:], beta)
+        loss = losses.mean()
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if it % 10 == 0:
+            margin = (chosen_reward - rejected_reward).mean().item()
+            acc = (chosen_reward > rejected_reward).float().mean().item()
+            eta = (time.time() - t0) / (it + 1) * (steps - it - 1)
+            print(f"{it}/{steps} | loss {loss.item():.4f} | margin {margin:.3f} | acc {acc:.2f} | "
+                  f"logp chosen {lp[:n].mean().item():.1f} rejected {lp[n:].mean().item():.1f} | eta {eta / 60:.1f} min")
+            metrics.write(iter=it, loss=loss.item(), margin=margin, reward_acc=acc, lr=lr,
+                          logp_chosen=lp[:n].mean().item(), logp_rejected=lp[n:].mean().item(),
+                          reward_chosen=chosen_reward.mean().item(), reward_rejected=rejected_reward.mean().item())
     path = os.path.join(out_dir, "ckpt.pt")
     save_policy(policy, path, kinds=kinds, config=config)
     print(f"saved {path} ({time.time() - t_start:.0f} s)")

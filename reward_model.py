@@ -16,7 +16,6 @@ One GPU: the same command. Progress: a tqdm bar while sampling, log lines while 
 """
 import json
 import os
-import random
 import sys
 import time
 
@@ -28,7 +27,7 @@ import configurator
 from generate import compile_decode
 from instruct import KINDS, InstructData, spearman
 from rlhf import (length_only_predictor, load_policy, pad_right, pair_accuracy, preference_pairs, read_jsonl,
-                  reward_scores, rm_sequence, sample_record, sample_stories, save_policy, write_jsonl)
+                  reward_scores, rm_sequence, sample_record, sample_stories, save_policy, shuffled_batches, write_jsonl)
 from utils import MetricsLog, atomic_write, cosine_lr, fail, load_checkpoint, load_tokenizer, pick_device
 
 # -----------------------------------------------------------------------------
@@ -111,34 +110,28 @@ def main():
     optimizer = rm.configure_optimizers(weight_decay, learning_rate, (0.9, 0.95), dev.split(":")[0])
     metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
     steps = epochs * (len(train_pairs) // batch_size)
-    rng = random.Random(seed)
     rm.train()
-    it, t0 = 0, time.time()
-    for epoch in range(epochs):
-        order = train_pairs[:]
-        rng.shuffle(order)
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            batch = order[i: i + batch_size]
-            lr = cosine_lr(it, learning_rate, min_lr, warmup_iters, steps)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            seqs = [rm_sequence(train[j]["prompt_ids"], train[j]["response"], layout)
-                    for j in [c for c, _ in batch] + [r for _, r in batch]]
-            tokens, last = pad_right(seqs, dev)
-            scores = rm(tokens).values[torch.arange(len(seqs), device=dev), last]
-            chosen, rejected = scores[: len(batch)], scores[len(batch):]
-            loss = -F.logsigmoid(chosen - rejected).mean()  # the seed's pairwise loss
-            loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(rm.parameters(), grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            acc = (chosen > rejected).float().mean().item()
-            if it % 10 == 0:
-                eta = (time.time() - t0) / (it + 1) * (steps - it - 1)
-                print(f"{it}/{steps} | loss {loss.item():.4f} | batch acc {acc:.2f} | lr {lr:.2e} | eta {eta / 60:.1f} min")
-                metrics.write(iter=it, loss=loss.item(), batch_acc=acc, lr=lr)
-            it += 1
+    t0 = time.time()
+    for it, batch in shuffled_batches(train_pairs, batch_size, epochs, seed):
+        lr = cosine_lr(it, learning_rate, min_lr, warmup_iters, steps)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        seqs = [rm_sequence(train[j]["prompt_ids"], train[j]["response"], layout)
+                for j in [c for c, _ in batch] + [r for _, r in batch]]
+        tokens, last = pad_right(seqs, dev)
+        scores = rm(tokens).values[torch.arange(len(seqs), device=dev), last]
+        chosen, rejected = scores[: len(batch)], scores[len(batch):]
+        loss = -F.logsigmoid(chosen - rejected).mean()  # the seed's pairwise loss
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(rm.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        acc = (chosen > rejected).float().mean().item()
+        if it % 10 == 0:
+            eta = (time.time() - t0) / (it + 1) * (steps - it - 1)
+            print(f"{it}/{steps} | loss {loss.item():.4f} | batch acc {acc:.2f} | lr {lr:.2e} | eta {eta / 60:.1f} min")
+            metrics.write(iter=it, loss=loss.item(), batch_acc=acc, lr=lr)
     rm.eval()
     save_policy(rm, os.path.join(out_dir, "rm.pt"), kind="reward_model", layout=layout, kinds=kinds, config=config)
 

@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import os
+import random
 from dataclasses import asdict, dataclass, replace
 from typing import List
 
@@ -253,6 +254,18 @@ def best_of_n_kl_bound(n):
 
 # -----------------------------------------------------------------------------
 # preference pairs and the losses of the chain
+
+def shuffled_batches(items, batch_size, epochs, seed):
+    """(step, batch) over full batches of items, reshuffled every epoch: epochs * (len(items) // batch_size) steps."""
+    rng = random.Random(seed)
+    step = 0
+    for _ in range(epochs):
+        order = items[:]
+        rng.shuffle(order)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield step, order[i: i + batch_size]
+            step += 1
+
 
 def preference_pairs(records):
     """(chosen, rejected) index pairs within each prompt's group, ordered by gold; ties dropped."""

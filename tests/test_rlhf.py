@@ -276,3 +276,13 @@ def test_bad_settings_are_refused_in_one_line(args, message):
     proc = run([script(args[0]), *args[1:]], check=False)
     assert proc.returncode != 0
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) <= 2, proc.stderr
+
+
+def test_shuffled_batches_cover_each_epoch_once_in_full_batches():
+    from rlhf import shuffled_batches
+    out = list(shuffled_batches(list(range(10)), 3, 2, seed=0))
+    assert [s for s, _ in out] == list(range(6)) and all(len(b) == 3 for _, b in out)
+    for epoch in (out[:3], out[3:]):
+        seen = [x for _, b in epoch for x in b]
+        assert len(set(seen)) == 9  # one item per epoch left over, none repeated
+    assert out == list(shuffled_batches(list(range(10)), 3, 2, seed=0))  # seeded
