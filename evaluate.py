@@ -186,8 +186,8 @@ def build_report(folder):
 
 
 def plot_overoptimisation(folder, evals, bon):
-    """Gold and reward-model score against sqrt(KL to SFT): best-of-n (the KL bound) and each RL run's
-    checkpoints (eval names <method>@<iter>)."""
+    """Gold and reward-model score against sqrt(KL to SFT): best-of-n (the KL bound), each RL run's
+    checkpoints (eval names <method>@<iter>) as a curve from SFT, and every other method as one point."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -214,6 +214,12 @@ def plot_overoptimisation(folder, evals, bon):
         x = [math.sqrt(max(0.0, p[1]["kl_sft"])) for p in pts]
         axes[0].plot(x, [p[1]["gold"] for p in pts], "o-", label=method)
         axes[1].plot(x, [p[1]["rm_score"] for p in pts], "o-", label=method)
+    for name_, e in evals.items():  # the other methods' final checkpoints: one point each
+        if "@" in name_ or name_ in series or name_ in ("sft", "pretrained") or e.get("rm_score") is None:
+            continue
+        x = math.sqrt(max(0.0, e["kl_sft"]))
+        axes[0].plot([x], [e["gold"]], "^", label=name_)
+        axes[1].plot([x], [e["rm_score"]], "^", label=name_)
     if bon:
         x = [math.sqrt(r["kl_bound"]) for r in bon["rows"]]
         axes[0].plot(x, [r["gold_by_rm"] for r in bon["rows"]], "s--", label="best-of-n by RM (KL bound)")

@@ -7,6 +7,7 @@ out_dir = "out/rlhf/ppo_rm"
 init_from = "resume"
 ppo = True
 reward = "out/rlhf/rm/rm.pt"
+tokenizer = "stories260K/tok512.model"  # the policy's (SFT keeps stories260K's)
 device = "cpu"
 vocab_source = "custom"
 vocab_size = 512
