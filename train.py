@@ -591,6 +591,9 @@ stop = GracefulStop()
 if resume_state:
     restore_rng(resume_state["rng"])
 model.train()
+if iter_num > max_iters and not eval_only:  # iterations count on from the checkpoint's (the seed's PPO: 98000)
+    fail(f"--max_iters={max_iters} is not beyond the checkpoint's iteration {iter_num}: nothing to train; pass "
+         f"--max_iters={iter_num + max_iters} to train {max_iters} more")
 if ppo:
     ppo_loop(iter_num, best_reward)
 else:

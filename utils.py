@@ -166,6 +166,8 @@ def plot_ppo_metrics(metrics_path, png_path, target_len=None, band=10):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    if not os.path.isfile(metrics_path):
+        return False
     with open(metrics_path) as f:
         rows = [r for r in map(json.loads, f) if "reward_mean" in r]
     if not rows:

@@ -487,3 +487,26 @@ def test_train_py_ppo_on_the_instruction_task_with_gold_and_ptx(tiny_run, tmp_pa
     assert ck["ppo_state"]["prompts"]["cursor"] == 2 * 16  # two iterations of 16 prompts
     bad = run([script("train.py"), *flags, "--reward=nope.pt"], env=env, check=False)
     assert bad.returncode == 1 and "--reward must be length, gold or the path of a reward model" in bad.stderr
+
+
+@pytest.mark.slow
+def test_config_ppo_rm_cpu_runs_from_a_folder_holding_only_the_sft_checkpoint(tiny_run, tmp_path):
+    """rlhf_cpu.sh's PPO stage: config/ppo_rm_cpu.py on a folder with nothing but ckpt.pt (the SFT model) must
+    find its tokenizer (a run of the chain once stopped here)."""
+    root, env, _ = tiny_run
+    data = tmp_path / "data"
+    shutil.copytree(root / "data" / "TinyStories_all_data", data / "TinyStories_all_data")
+    env = {"DATA_CACHE_DIR": str(data)}
+    run([script("tinystories.py"), "pretokenize", "--vocab_size=512", "--tokenizer=stories260K/tok512.model"], env=env)
+    out = tmp_path / "ppo_rm"
+    from rlhf import load_policy, save_policy
+    save_policy(load_policy(script("stories260K/stories260K.pt")), str(out / "ckpt.pt"))  # as sft.py saves it
+    flags = ["config/ppo_rm_cpu.py", f"--out_dir={out}", "--reward=gold", "--rollouts=4", "--batch_size=2",
+             "--max_gen_len=16", "--eval_interval=1", "--compile=False"]
+    run([script("train.py"), *flags, "--max_iters=1"], env=env)
+    assert (out / "ppo_ckpt.pt").is_file()
+    # iterations count on from the checkpoint's: one that is already past --max_iters is refused in one line
+    shutil.copy(script("stories260K/stories260K.pt"), out / "ckpt.pt")
+    (out / "ppo_ckpt.pt").unlink()  # (resume prefers the PPO checkpoint)
+    proc = run([script("train.py"), *flags, "--max_iters=1"], env=env, check=False)
+    assert proc.returncode == 1 and "--max_iters=1 is not beyond the checkpoint's iteration 98000" in proc.stderr
