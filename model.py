@@ -157,6 +157,116 @@ def linear(x, weight):
     return F.linear(x, weight)
 
 
+# -----------------------------------------------------------------------------
+# Dropout on a CPU. PyTorch draws one number per element from a serial Mersenne Twister (F.dropout on the
+# 16 x 8 x 512 x 512 attention probabilities of the seed's pre-training: ~445 ms per layer per forward), and
+# scaled_dot_product_attention leaves its fused kernel for the math path when dropout_p > 0, materialising
+# every B x H x T x T score and three more tensors of that size. Here one 64-bit draw decides four elements
+# (drop_mask), and attention with dropout runs over chunks of query rows against the keys up to the chunk's
+# end: the causal part only, a chunk at a time in cache. It keeps the chunks' probabilities and drop masks for
+# backward (about a quarter of what the math path keeps; recomputing them cost 20% more time). The meaning is
+# unchanged: each attention probability of the causal part is dropped independently and the kept ones scaled
+# so that the expectation is exact (tests/test_dropout.py checks the statistics against the naive computation).
+# On CUDA, SDPA's kernels drop in place. Under torch.compile the elementwise dropouts are F.dropout (inductor
+# fuses its own Philox draws into the surrounding kernel) and attention still runs in chunks (a graph break).
+ATTENTION_CHUNK = 32  # query rows per chunk of attention with dropout
+
+
+def quantised_p(p):
+    """The drop probability drop_mask realises: p to the nearest multiple of 2^-16 (0.05 -> 0.0500031)."""
+    return round(p * 65536) / 65536
+
+
+def drop_mask(shape, p, device=None):
+    """A bool tensor of shape, each element True (dropped) independently with probability quantised_p(p):
+    a 16-bit uniform per element, four from each 64-bit draw. (Exact 24-bit uniforms from one byte per element
+    plus 16 more bits on the 1-in-256 ties cost more here: finding the ties is itself a pass.)"""
+    n = math.prod(shape)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None)  # all 64 bits
+    return (bits.view(torch.int16)[:n] < round(p * 65536) - 32768).view(shape)
+
+
+def dropout(x, p: float, training: bool):
+    """F.dropout(x, p, training), with drop_mask's cheaper draws on a CPU."""
+    if not (training and p > 0 and x.device.type == "cpu") or torch.compiler.is_compiling():
+        return F.dropout(x, p, training)
+    return x.masked_fill(drop_mask(x.shape, p, x.device), 0.0) * (1.0 / (1.0 - quantised_p(p)))
+
+
+class CausalAttentionDropout(torch.autograd.Function):
+    """softmax(q k^T / sqrt(D) + causal mask) with dropout p on the probabilities, @ v. q (B, H_kv, R, T, D):
+    the R query heads sharing each key/value head grouped, so k, v (B, H_kv, T, D) are read, never repeated.
+    Every pass over a (rows x keys) tensor counts here, so the scale is folded into q and the causal mask
+    touches only the chunk's diagonal block."""
+
+    @staticmethod
+    def chunk_probs(qs, k, s, e):
+        """The probabilities of query rows s:e (of the scaled queries qs) against keys 0:e, as
+        (B, H_kv, R * (e - s), e), and those rows of qs as (B, H_kv, R * (e - s), D)."""
+        B, Hk, R, _, D = qs.shape
+        qc = qs[:, :, :, s:e].reshape(B, Hk, R * (e - s), D)
+        scores = torch.matmul(qc, k[:, :, :e].transpose(-1, -2))
+        future = torch.ones(e - s, e - s, dtype=torch.bool, device=qs.device).triu(1)
+        scores.view(B, Hk, R, e - s, e)[..., s:].masked_fill_(future, float("-inf"))
+        return qc, torch.softmax(scores, dim=-1)
+
+    @staticmethod
+    def forward(ctx, q, k, v, p):
+        B, Hk, R, T, D = q.shape
+        qs = q * (1.0 / math.sqrt(D))
+        y = q.new_empty(B, Hk, R, T, v.size(-1))
+        probs, drops = [], []
+        for s in range(0, T, ATTENTION_CHUNK):
+            e = min(T, s + ATTENTION_CHUNK)
+            probs.append(CausalAttentionDropout.chunk_probs(qs, k, s, e)[1])
+            drops.append(drop_mask(probs[-1].shape, p, q.device))
+            kept = probs[-1].masked_fill(drops[-1], 0.0)
+            y[:, :, :, s:e] = torch.matmul(kept, v[:, :, :e]).view(B, Hk, R, e - s, -1)
+        y.mul_(1.0 / (1.0 - quantised_p(p)))
+        ctx.save_for_backward(qs, k, v, y, *probs, *drops)
+        ctx.p = p
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        qs, k, v, y, *saved = ctx.saved_tensors
+        n_chunks = len(saved) // 2
+        all_probs, drops = saved[:n_chunks], saved[n_chunks:]
+        B, Hk, R, T, D = qs.shape
+        dq, dk, dv = torch.empty_like(qs), torch.zeros_like(k), torch.zeros_like(v)
+        # softmax backward: dS = P * (dP - sum_j P_j dP_j), and sum_j P_j dP_j = dy . y for every row
+        row_dot = (dy * y).sum(-1, keepdim=True)
+        dy = dy * (1.0 / (1.0 - quantised_p(ctx.p)))
+        for i, s in enumerate(range(0, T, ATTENTION_CHUNK)):
+            e = min(T, s + ATTENTION_CHUNK)
+            qc, probs = qs[:, :, :, s:e].reshape(B, Hk, R * (e - s), D), all_probs[i]
+            dyc = dy[:, :, :, s:e].reshape(B, Hk, R * (e - s), -1)
+            kept = probs.masked_fill(drops[i], 0.0)
+            dv[:, :, :e] += torch.matmul(kept.transpose(-1, -2), dyc)
+            # dS = dP_kept * kept - P * row_dot (dP_kept: the gradient of the kept probabilities)
+            ds = torch.matmul(dyc, v[:, :, :e].transpose(-1, -2)).mul_(kept)
+            ds.view(B, Hk, R, e - s, e).addcmul_(probs.view(B, Hk, R, e - s, e), row_dot[:, :, :, s:e], value=-1)
+            dq[:, :, :, s:e] = torch.matmul(ds, k[:, :, :e]).view(B, Hk, R, e - s, D)
+            dk[:, :, :e] += torch.matmul(ds.transpose(-1, -2), qc)
+        return dq.mul_(1.0 / math.sqrt(D)), dk, dv, None
+
+
+def causal_attention(q, k, v, dropout_p=0.0):
+    """Causal attention of q (B, H, T, D) over k, v (B, H_kv, T, D), dropout on the probabilities."""
+    if dropout_p > 0 and q.device.type == "cpu":
+        return chunked_attention_dropout(q, k, v, dropout_p)
+    n_rep = q.size(1) // k.size(1)
+    return F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), dropout_p=dropout_p,
+                                          is_causal=True)
+
+
+@torch.compiler.disable  # under torch.compile too: inductor would materialise the scores (a graph break per layer)
+def chunked_attention_dropout(q, k, v, p):
+    B, H, T, D = q.shape
+    y = CausalAttentionDropout.apply(q.view(B, k.size(1), H // k.size(1), T, D), k, v, p)
+    return y.view(B, H, T, -1)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -181,14 +291,13 @@ class Attention(nn.Module):
             self.kv_cache.update(input_pos, k, v)
         if cache_mask is None:
             # training, or a prefill from position 0: the T positions here are all there is to attend to.
-            # No materialised mask: SDPA picks its fused causal kernel.
+            # No materialised mask: SDPA picks its fused causal kernel (with dropout on a CPU: see above).
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-            y = F.scaled_dot_product_attention(q, repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep),
-                                               dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+            y = causal_attention(q, k, v, self.dropout if self.training else 0.0)
             y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         else:
             y = self.attend_to_cache(q, cache_mask)
-        return F.dropout(linear(y, self.wo.weight), self.dropout, self.training)
+        return dropout(linear(y, self.wo.weight), self.dropout, self.training)
 
     def attend_to_cache(self, q, cache_mask):
         """One query per row, q (B, 1, H, D), against every cached position that cache_mask allows; returns
@@ -215,7 +324,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         h = F.silu(linear(x, self.w1.weight)) * linear(x, self.w3.weight)  # SwiGLU
-        return F.dropout(linear(h, self.w2.weight), self.dropout, self.training)
+        return dropout(linear(h, self.w2.weight), self.dropout, self.training)
 
 
 class TransformerBlock(nn.Module):
@@ -276,7 +385,7 @@ class Transformer(nn.Module):
         if input_pos is not None and T == 1:  # a decode step: attend to every cached position up to its own
             cached = torch.arange(self.cache_shape[1], device=tokens.device)
             cache_mask = (cached <= input_pos).view(B, 1, 1, -1)
-        h = F.dropout(self.tok_embeddings(tokens), self.params.dropout, self.training)
+        h = dropout(self.tok_embeddings(tokens), self.params.dropout, self.training)
         for layer in self.layers:
             h = layer(h, cos, sin, input_pos, cache_mask)
         return self.norm(h)
