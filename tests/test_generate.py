@@ -109,7 +109,8 @@ def test_sample_py_refuses_bad_sampling_flags():
     ckpt = shared_path("stories260K", "stories260K.pt")
     for flag, message in (("--temperature=-1.0", "temperature must be >= 0"), ("--top_p=0.0", "top_p must be in"),
                           ("--max_new_tokens=0", "--max_new_tokens must be >= 1"),
-                          ("--tokens_per_call=0", "--tokens_per_call must be >= 1")):
+                          ("--tokens_per_call=0", "--tokens_per_call must be >= 1"),
+                          ("--compile=sometimes", "--compile must be auto, True or False")):
         proc = run([script("sample.py"), f"--checkpoint={ckpt}", flag], check=False)
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
 
@@ -238,3 +239,4 @@ def test_sample_py_without_flags_uses_the_bundled_model(tmp_path, greedy_text):
     proc = run([script("sample.py"), "--temperature=0.0", "--max_new_tokens=500"], cwd=tmp_path)
     assert "out/ckpt.pt not found: sampling from the bundled stories260K" in proc.stderr
     assert proc.stdout.rstrip("\n") == greedy_text
+    assert "compiled" not in proc.stderr  # --compile=auto: 500 decode steps do not pay for compiling
