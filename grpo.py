@@ -22,7 +22,7 @@ import torch
 
 import configurator
 from generate import compile_decode
-from instruct import InstructData
+from instruct import KINDS, InstructData
 from ppo import repeated_ngram_rate
 from rlhf import (PromptStream, clipped_token_loss, group_advantages, load_policy, make_batch, response_logprobs, reward_scores,
                   sample_stories, save_policy)
@@ -70,7 +70,7 @@ def main():
         dev = pick_device(device)
         enc = load_tokenizer(tokenizer, 512)
         kinds = load_checkpoint(sft).get("kinds")
-        data = InstructData(enc, data_dir or None, kinds or ("words", "sentence", "dialogue", "length"), seed=seed)
+        data = InstructData(enc, data_dir or None, kinds or KINDS, seed=seed)
         policy = load_policy(sft, dev)
         reference = load_policy(sft, dev).requires_grad_(False)
         rm = None if reward == "gold" else load_policy(reward, dev, value_head=True).requires_grad_(False)

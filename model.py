@@ -200,15 +200,20 @@ class CausalAttentionDropout(torch.autograd.Function):
     touches only the chunk's diagonal block."""
 
     @staticmethod
+    def rows(x, s, e):
+        """Rows s:e of x (B, H_kv, R, T, d) as (B, H_kv, R * (e - s), d): one matrix per key/value head."""
+        B, Hk, R, _, d = x.shape
+        return x[:, :, :, s:e].reshape(B, Hk, R * (e - s), d)
+
+    @staticmethod
     def chunk_probs(qs, k, s, e):
-        """The probabilities of query rows s:e (of the scaled queries qs) against keys 0:e, as
-        (B, H_kv, R * (e - s), e), and those rows of qs as (B, H_kv, R * (e - s), D)."""
-        B, Hk, R, _, D = qs.shape
-        qc = qs[:, :, :, s:e].reshape(B, Hk, R * (e - s), D)
-        scores = torch.matmul(qc, k[:, :, :e].transpose(-1, -2))
+        """The probabilities of query rows s:e (of the scaled queries qs) against keys 0:e:
+        (B, H_kv, R * (e - s), e)."""
+        B, Hk, R = qs.shape[:3]
+        scores = torch.matmul(CausalAttentionDropout.rows(qs, s, e), k[:, :, :e].transpose(-1, -2))
         future = torch.ones(e - s, e - s, dtype=torch.bool, device=qs.device).triu(1)
         scores.view(B, Hk, R, e - s, e)[..., s:].masked_fill_(future, float("-inf"))
-        return qc, torch.softmax(scores, dim=-1)
+        return torch.softmax(scores, dim=-1)
 
     @staticmethod
     def forward(ctx, q, k, v, p):
@@ -218,7 +223,7 @@ class CausalAttentionDropout(torch.autograd.Function):
         probs, drops = [], []
         for s in range(0, T, ATTENTION_CHUNK):
             e = min(T, s + ATTENTION_CHUNK)
-            probs.append(CausalAttentionDropout.chunk_probs(qs, k, s, e)[1])
+            probs.append(CausalAttentionDropout.chunk_probs(qs, k, s, e))
             drops.append(drop_mask(probs[-1].shape, p, q.device))
             kept = probs[-1].masked_fill(drops[-1], 0.0)
             y[:, :, :, s:e] = torch.matmul(kept, v[:, :, :e]).view(B, Hk, R, e - s, -1)
@@ -239,15 +244,14 @@ class CausalAttentionDropout(torch.autograd.Function):
         dy = dy * (1.0 / (1.0 - quantised_p(ctx.p)))
         for i, s in enumerate(range(0, T, ATTENTION_CHUNK)):
             e = min(T, s + ATTENTION_CHUNK)
-            qc, probs = qs[:, :, :, s:e].reshape(B, Hk, R * (e - s), D), all_probs[i]
-            dyc = dy[:, :, :, s:e].reshape(B, Hk, R * (e - s), -1)
+            probs, dyc = all_probs[i], CausalAttentionDropout.rows(dy, s, e)
             kept = probs.masked_fill(drops[i], 0.0)
             dv[:, :, :e] += torch.matmul(kept.transpose(-1, -2), dyc)
-            # dS = dP_kept * kept - P * row_dot (dP_kept: the gradient of the kept probabilities)
+            # dS = P * (dP - row_dot), where dP = dy v^T on kept entries and 0 on dropped ones
             ds = torch.matmul(dyc, v[:, :, :e].transpose(-1, -2)).mul_(kept)
             ds.view(B, Hk, R, e - s, e).addcmul_(probs.view(B, Hk, R, e - s, e), row_dot[:, :, :, s:e], value=-1)
             dq[:, :, :, s:e] = torch.matmul(ds, k[:, :, :e]).view(B, Hk, R, e - s, D)
-            dk[:, :, :e] += torch.matmul(ds.transpose(-1, -2), qc)
+            dk[:, :, :e] += torch.matmul(ds.transpose(-1, -2), CausalAttentionDropout.rows(qs, s, e))
         return dq.mul_(1.0 / math.sqrt(D)), dk, dv, None
 
 

@@ -75,6 +75,9 @@ def main():
     parser.add_argument("--dropouts", default="0,0.05")
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
+    unknown = set(args.configs.split(",")) - set(CONFIGS)
+    if unknown:
+        parser.error(f"--configs: unknown {','.join(sorted(unknown))}; choose from {','.join(CONFIGS)}")
     reference = load_reference(args.reference)
     if reference is None:
         print(f"no reference at {args.reference}: `git clone https://github.com/schinger/FullLLM {args.reference}` "
