@@ -99,16 +99,17 @@ def prefill(model, tokens, last_pos):
     return model.head(h).logits[:, 0].float()
 
 
-def decode_step(model, tokens, input_pos):
-    """One new token per row: tokens (B, 1) at per-row positions input_pos (B,). Returns the logits
-    (B, vocab). Static shapes (the mask covers the whole cache), so it compiles once and replays for every
-    step and call. Rows past the end of the cache (finished rows that keep decoding) write its last slot."""
+def decode_step(model, tokens, input_pos, cache_positions=None):
+    """One new token per row: tokens (B, 1) at per-row positions input_pos (B,), attending to the cache
+    positions cache_positions (arange(L), L > every input_pos; default the whole cache). Returns the logits
+    (B, vocab). Static shapes but L, which generate_withcache marks dynamic, so it compiles once and replays
+    for every step and call. Rows past the end of the cache (finished rows that keep decoding) write its last slot."""
     input_pos = input_pos.clamp(max=model.cache_shape[1] - 1)
-    h = model.hidden_states(tokens, input_pos[:, None])  # (B, 1, dim); hidden_states + head, as prefill: a
-    return model.head(h).logits[:, -1].float()  # policy's forward would also compute values nobody reads
+    h = model.hidden_states(tokens, input_pos[:, None], cache_positions)  # (B, 1, dim); hidden_states + head,
+    return model.head(h).logits[:, -1].float()  # as prefill: a policy's forward would also compute values nobody reads
 
 
-def decode_tokens(model, tokens, input_pos, uniforms, temperature=0.0, top_k=0, top_p=1.0):
+def decode_tokens(model, tokens, input_pos, uniforms, temperature=0.0, top_k=0, top_p=1.0, cache_positions=None):
     """K = uniforms.size(1) decode steps in one call: feed tokens (B, 1) at per-row positions input_pos
     (B,), sample the next token of each row with its uniform of that step (uniforms (B, K), ignored when
     greedy), feed that, and so on. Returns the K new tokens (B, K). Sampling happens here, inside what
@@ -116,7 +117,7 @@ def decode_tokens(model, tokens, input_pos, uniforms, temperature=0.0, top_k=0, 
     fixed cost per call (~0.2 ms on a 2-core CPU) over K tokens."""
     new_tokens = []
     for i in range(uniforms.size(1)):
-        logits = decode_step(model, tokens, input_pos + i)
+        logits = decode_step(model, tokens, input_pos + i, cache_positions)
         tokens = sample_top_k_top_p(logits, top_k, top_p, temperature, uniform=uniforms[:, i])
         new_tokens.append(tokens)
     return torch.cat(new_tokens, dim=1)
@@ -129,8 +130,8 @@ def compile_decode(model):
     step is only microseconds of math."""
     options = {"cpp_wrapper": True} if model.tok_embeddings.weight.device.type == "cpu" else None
 
-    def model_decode_tokens(tokens, input_pos, uniforms, temperature=0.0, top_k=0, top_p=1.0):
-        return decode_tokens(model, tokens, input_pos, uniforms, temperature, top_k, top_p)
+    def model_decode_tokens(tokens, input_pos, uniforms, temperature=0.0, top_k=0, top_p=1.0, cache_positions=None):
+        return decode_tokens(model, tokens, input_pos, uniforms, temperature, top_k, top_p, cache_positions)
     return torch.compile(model_decode_tokens, fullgraph=True, dynamic=False, options=options)
 
 
@@ -138,6 +139,7 @@ def compile_decode(model):
 CAN_SKIP_GUARDS = hasattr(torch.compiler, "set_stance") and \
     "skip_guard_eval_unsafe" in inspect.signature(torch.compiler.set_stance).parameters
 STOP_CHECK_EVERY = 8  # decode steps between the checks of whether all rows are done (each is a host sync)
+ATTEND_BUCKET = 64  # a decode step reads the cache up to the furthest row's position, rounded up to this
 
 
 def all_rows_done(out, stop_ids, limit):
@@ -200,6 +202,10 @@ def generate_withcache(model, prompt_tokens: List[List[int]], max_gen_len: int, 
     stop_ids = None if eos_id is None else torch.tensor(
         [eos_id] if isinstance(eos_id, int) else list(eos_id), device=device)
     K = tokens_per_call
+    # a step attends to the cache up to the furthest row's position, rounded up to ATTEND_BUCKET (not to the
+    # whole cache: half the reads on average); compiled, that length is one dynamic dimension, so no recompiles
+    cache_len, longest = model.cache_shape[1], max(lens)
+    all_positions, positions = torch.arange(cache_len, device=device), None
     out = torch.zeros(B, steps + K, dtype=torch.long, device=device)  # + K: the last call may overshoot
     limit = torch.tensor(n_new, device=device)  # per-row budget of new tokens
     # the token fed next; one tensor for the whole loop, so every decode call sees the same strides
@@ -208,7 +214,12 @@ def generate_withcache(model, prompt_tokens: List[List[int]], max_gen_len: int, 
     with contextlib.ExitStack() as stack:
         for s in range(1, steps, K):  # s: new tokens so far
             # finished rows keep decoding harmlessly in place (their output is cut below)
-            new_tokens = decode(next_token, lens_t + s - 1, uniforms(K), temperature, top_k, top_p)
+            attend = min(cache_len, ATTEND_BUCKET * math.ceil((longest + s - 1 + K) / ATTEND_BUCKET))
+            if positions is None or positions.size(0) != attend:
+                positions = all_positions[:attend]
+                if decode_fn is not None and attend > 1:  # dynamo specialises lengths 0 and 1 anyway
+                    torch._dynamo.mark_dynamic(positions, 0)
+            new_tokens = decode(next_token, lens_t + s - 1, uniforms(K), temperature, top_k, top_p, positions)
             out[:, s: s + K] = new_tokens
             next_token.copy_(new_tokens[:, -1:])
             if s == 1 and decode_fn is not None and CAN_SKIP_GUARDS:

@@ -113,7 +113,9 @@ class KVCache(nn.Module):
 
     def __init__(self, batch_size, seq_len, n_kv_heads, head_dim, dtype, device):
         super().__init__()
-        shape = (batch_size, n_kv_heads, seq_len, head_dim)
+        # one spare position: a decode step reads a prefix k[:, :, :L] (L <= seq_len), never the whole buffer,
+        # so that a compiled step treats L as one dynamic length (a full-buffer slice would specialise it)
+        shape = (batch_size, n_kv_heads, seq_len + 1, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
@@ -136,7 +138,9 @@ class KVCache(nn.Module):
 # (bench/bench_generate.py; 2-core AMD EPYC, MKL: the 32000x288 classifier takes 3.8 ms at batch 1 as
 # x @ W.T, 1.2 ms for the same bytes in the other orientation). So linear() computes one position per row:
 #   - compiled, up to FUSED_MATVEC_MAX_ROWS rows: a broadcast multiply-sum, which inductor fuses into one
-#     loop streaming each weight row once (also used for attention over the cache);
+#     loop streaming each weight row once (attention over the cache uses it at any batch: each row reads only
+#     its own keys and values, so there is nothing for a GEMM to reuse, and per-head batched GEMMs of one
+#     query row cost more than the math: 260K batch 32, the compiled step 3.5 instead of 4.3 ms);
 #   - more than FUSED_MATVEC_MAX_ROWS rows: W @ x.T, the GEMM orientation MKL runs ~1.5x faster here;
 #   - otherwise (eager, few rows) F.linear: the multiply-sum would materialise rows x out x in.
 # All forms compute the same sums; results agree to float rounding (tested eager against compiled).
@@ -304,13 +308,14 @@ class Attention(nn.Module):
         return dropout(linear(y, self.wo.weight), self.dropout, self.training)
 
     def attend_to_cache(self, q, cache_mask):
-        """One query per row, q (B, 1, H, D), against every cached position that cache_mask allows; returns
+        """One query per row, q (B, 1, H, D), against the cached positions that cache_mask (B, 1, 1, L) allows; returns
         (B, 1, H * D). The n_rep query heads sharing a key/value head are grouped, so the cache is read in
         place (repeat_kv would copy all of it every step)."""
         B = q.size(0)
-        k, v = self.kv_cache.k, self.kv_cache.v  # (B, H_kv, cache_len, D)
+        L = cache_mask.size(-1)  # the positions worth reading: up to the furthest row's
+        k, v = self.kv_cache.k[:, :, :L], self.kv_cache.v[:, :, :L]  # (B, H_kv, L, D)
         qg = q.view(B, self.n_kv_heads, self.n_rep, self.head_dim)
-        fused = B <= FUSED_MATVEC_MAX_ROWS and torch.compiler.is_compiling()
+        fused = torch.compiler.is_compiling()
         scores = (qg[:, :, :, None, :] * k[:, :, None]).sum(-1) if fused else qg @ k.transpose(-1, -2)
         scores = (scores * (1.0 / math.sqrt(self.head_dim))).masked_fill(~cache_mask, float("-inf"))
         probs = F.softmax(scores.float(), dim=-1).type_as(qg)
@@ -374,10 +379,12 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def hidden_states(self, tokens, input_pos=None):
+    def hidden_states(self, tokens, input_pos=None, cache_positions=None):
         """The final normalised hidden states (B, T, dim) of tokens (B, T): the one loop over the layers.
         input_pos=None: a causal forward over positions 0..T-1 without the cache (training). input_pos (B, T):
-        the tokens' positions, each row its own; keys and values go into the cache (see setup_caches)."""
+        the tokens' positions, each row its own; keys and values go into the cache (see setup_caches).
+        cache_positions (L,): arange(L), the cache positions a decode step may attend to (default: the whole
+        cache); a tensor so that a compiled decode step can take its length as a dynamic dimension."""
         B, T = tokens.shape
         if input_pos is None:
             if T > self.params.max_seq_len:
@@ -387,7 +394,9 @@ class Transformer(nn.Module):
             cos, sin = self.freqs_cos[input_pos][:, :, None], self.freqs_sin[input_pos][:, :, None]
         cache_mask = None
         if input_pos is not None and T == 1:  # a decode step: attend to every cached position up to its own
-            cached = torch.arange(self.cache_shape[1], device=tokens.device)
+            cached = cache_positions
+            if cached is None:
+                cached = torch.arange(self.cache_shape[1], device=tokens.device)
             cache_mask = (cached <= input_pos).view(B, 1, 1, -1)
         h = dropout(self.tok_embeddings(tokens), self.params.dropout, self.training)
         for layer in self.layers:

@@ -20,6 +20,7 @@ PPO on the instruction task from an SFT model (sft.py), with the gold judge or a
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -76,7 +77,8 @@ min_lr = 0.0
 # system
 device = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps
 dtype = "auto"  # auto (bfloat16 on CUDA if supported, else float32), float32, bfloat16, float16
-compile = "auto"  # torch.compile the model: auto = on CUDA (on CPU only the PPO rollouts' decode step)
+compile = "auto"  # torch.compile the model: auto = on CUDA; on a CPU for pre-training runs of >= 1,000 iterations
+# (and always the PPO rollouts' decode step); see AUTO_COMPILE_ITERS
 seed = 1337
 # PPO (RLHF): reward = -|target_len - story length| / 100, see ppo.py
 ppo = False
@@ -172,6 +174,11 @@ device_type = "cuda" if "cuda" in device else "cpu"  # for torch.autocast
 ptdtype = DTYPES[dtype]
 ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
 use_compile = device_type == "cuda" if compile == "auto" else compile
+# On a CPU the compiled training step is ~1.1x faster (bench/bench_train.py: 260K 16 x 512 and 15M 8 x 256,
+# dropout 0; ~1.04x with the seed's dropout 0.05) after 35-80 s of compiling, so it pays from a few hundred
+# iterations: auto compiles runs of at least this many (inductor also needs a C++ compiler there). Not PPO's
+# training forward: compiled, the seed's PPO step was no faster (bench/bench_ppo.py).
+AUTO_COMPILE_ITERS = 1000
 
 # -----------------------------------------------------------------------------
 # model: from scratch, resumed from a checkpoint (a PPO run resumes its own ppo_ckpt.pt when present), or
@@ -293,6 +300,8 @@ checkpoint_kinds = checkpoint.get("kinds") if checkpoint is not None else None  
 checkpoint = None  # free up memory
 
 raw_model = model  # the plain module: checkpoints, generation, MFU
+if compile == "auto" and device == "cpu" and not ppo and not eval_only and max_iters - iter_num >= AUTO_COMPILE_ITERS:
+    use_compile = any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++"))
 if use_compile:
     print("compiling the model... (takes a ~minute)")
     model = torch.compile(model)

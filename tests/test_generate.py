@@ -131,14 +131,15 @@ def test_compiled_decode_compiles_once_across_steps_and_calls(stories260k):
     import torch._dynamo
     model, _ = stories260k
     decode = torch.compile(lambda *a: decode_tokens(model, *a), fullgraph=True)
-    first = generate_withcache(model, [[1], [1, 14]], 40, temperature=0.0, decode_fn=decode)
     torch._dynamo.config.error_on_recompile = True
-    try:  # other prompts, same batch size and cache bucket: not a single recompilation
-        second = generate_withcache(model, [[1, 20, 30], [1]], 41, temperature=0.0, decode_fn=decode)
+    try:  # the steps read 64, 128, then 192 cache positions (one dynamic length); then other prompts, same
+        # batch size and cache bucket: not a single recompilation
+        first = generate_withcache(model, [[1], [1, 14]], 150, temperature=0.0, decode_fn=decode)
+        second = generate_withcache(model, [[1, 20, 30], [1]], 151, temperature=0.0, decode_fn=decode)
     finally:
         torch._dynamo.config.error_on_recompile = False
-    assert first[0] == generate_withcache(model, [[1]], 40, temperature=0.0)[0]
-    assert second[1] == first[0] + [second[1][40]]
+    assert first[0] == generate_withcache(model, [[1]], 150, temperature=0.0)[0]
+    assert second[1] == first[0] + [second[1][150]]
 
 
 @pytest.mark.slow
