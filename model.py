@@ -162,18 +162,22 @@ def linear(x, weight):
 
 
 # -----------------------------------------------------------------------------
-# Dropout on a CPU. PyTorch draws one number per element from a serial Mersenne Twister (F.dropout on the
-# 16 x 8 x 512 x 512 attention probabilities of the seed's pre-training: ~445 ms per layer per forward), and
-# scaled_dot_product_attention leaves its fused kernel for the math path when dropout_p > 0, materialising
-# every B x H x T x T score and three more tensors of that size. Here one 64-bit draw decides four elements
-# (drop_mask), and attention with dropout runs over chunks of query rows against the keys up to the chunk's
-# end: the causal part only, a chunk at a time in cache. It keeps the chunks' probabilities and drop masks for
-# backward (about a quarter of what the math path keeps; recomputing them cost 20% more time). The meaning is
-# unchanged: each attention probability of the causal part is dropped independently and the kept ones scaled
-# so that the expectation is exact (tests/test_dropout.py checks the statistics against the naive computation).
-# On CUDA, SDPA's kernels drop in place. Under torch.compile the elementwise dropouts are F.dropout (inductor
-# fuses its own Philox draws into the surrounding kernel) and attention still runs in chunks (a graph break).
-ATTENTION_CHUNK = 32  # query rows per chunk of attention with dropout
+# Attention and dropout on a CPU. PyTorch draws one number per element from a serial Mersenne Twister (F.dropout
+# on the 16 x 8 x 512 x 512 attention probabilities of the seed's pre-training: ~445 ms per layer per forward),
+# and scaled_dot_product_attention leaves its fused kernel for the math path when dropout_p > 0, materialising
+# every B x H x T x T score and three more tensors of that size. Its fused kernel, in turn, is slow for the small
+# heads of small models (head_dim 8: 250 ms per layer fwd+bwd at 16 x 8 x 512, of which our chunks below take
+# 150). So on a CPU, attention with dropout or with small heads runs over chunks of query rows against the keys
+# up to the chunk's end: the causal part only, a chunk at a time in cache, its probabilities kept for backward
+# when there is one (recomputing them cost 20% more time); dropout draws one 64-bit number per four elements
+# (drop_mask). The meaning is unchanged: each attention probability of the causal part is dropped independently
+# and the kept ones scaled so that the expectation is exact (tests/test_dropout.py checks the statistics and both
+# passes against the naive computation). The path does not depend on the grad mode: PPO's no-grad log-probs
+# must equal its training forward's bit for bit (the first minibatch's ratio is exactly 1). On CUDA, SDPA's
+# fused kernels. Under torch.compile the elementwise dropouts are F.dropout (inductor fuses its own Philox
+# draws) and attention still runs in chunks (a graph break).
+ATTENTION_CHUNK = 32  # query rows per chunk
+CHUNKED_MAX_HEAD_DIM = 32  # above it SDPA's fused kernel is as fast, and keeps no T x T memory for backward
 
 
 def quantised_p(p):
@@ -197,11 +201,12 @@ def dropout(x, p: float, training: bool):
     return x.masked_fill(drop_mask(x.shape, p, x.device), 0.0) * (1.0 / (1.0 - quantised_p(p)))
 
 
-class CausalAttentionDropout(torch.autograd.Function):
-    """softmax(q k^T / sqrt(D) + causal mask) with dropout p on the probabilities, @ v. q (B, H_kv, R, T, D):
-    the R query heads sharing each key/value head grouped, so k, v (B, H_kv, T, D) are read, never repeated.
-    Every pass over a (rows x keys) tensor counts here, so the scale is folded into q and the causal mask
-    touches only the chunk's diagonal block."""
+class ChunkedCausalAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(D) + causal mask) with dropout p (0: none) on the probabilities, @ v.
+    q (B, H_kv, R, T, D): the R query heads sharing each key/value head grouped, so k, v (B, H_kv, T, D) are
+    read, never repeated. Every pass over a (rows x keys) tensor counts here, so the scale is folded into q and
+    the causal mask touches only the chunk's diagonal block. The products with D outputs run transposed,
+    (D x keys) @ (keys x rows): MKL takes 0.21 ms for what costs it 0.54 ms as (rows x keys) @ (keys x D) at D = 8."""
 
     @staticmethod
     def rows(x, s, e):
@@ -214,65 +219,79 @@ class CausalAttentionDropout(torch.autograd.Function):
         """The probabilities of query rows s:e (of the scaled queries qs) against keys 0:e:
         (B, H_kv, R * (e - s), e)."""
         B, Hk, R = qs.shape[:3]
-        scores = torch.matmul(CausalAttentionDropout.rows(qs, s, e), k[:, :, :e].transpose(-1, -2))
+        scores = torch.matmul(ChunkedCausalAttention.rows(qs, s, e), k[:, :, :e].transpose(-1, -2))
         future = torch.ones(e - s, e - s, dtype=torch.bool, device=qs.device).triu(1)
         scores.view(B, Hk, R, e - s, e)[..., s:].masked_fill_(future, float("-inf"))
         return torch.softmax(scores, dim=-1)
 
     @staticmethod
-    def forward(ctx, q, k, v, p):
+    def forward(ctx, q, k, v, p, keep_for_backward=True):
         B, Hk, R, T, D = q.shape
         qs = q * (1.0 / math.sqrt(D))
-        y = q.new_empty(B, Hk, R, T, v.size(-1))
+        k, v = k.contiguous(), v.contiguous()  # else every chunk's product copies its (growing) key prefix
+        yT = q.new_empty(B, Hk, v.size(-1), R, T)  # y transposed: the layout the products write
         probs, drops = [], []
         for s in range(0, T, ATTENTION_CHUNK):
             e = min(T, s + ATTENTION_CHUNK)
-            probs.append(CausalAttentionDropout.chunk_probs(qs, k, s, e))
-            drops.append(drop_mask(probs[-1].shape, p, q.device))
-            kept = probs[-1].masked_fill(drops[-1], 0.0)
-            y[:, :, :, s:e] = torch.matmul(kept, v[:, :, :e]).view(B, Hk, R, e - s, -1)
-        y.mul_(1.0 / (1.0 - quantised_p(p)))
-        ctx.save_for_backward(qs, k, v, y, *probs, *drops)
+            kept = ChunkedCausalAttention.chunk_probs(qs, k, s, e)
+            if keep_for_backward:
+                probs.append(kept)
+            if p > 0:
+                drop = drop_mask(kept.shape, p, q.device)
+                if keep_for_backward:
+                    drops.append(drop)
+                kept = kept.masked_fill(drop, 0.0)
+            yT[..., s:e] = torch.matmul(v[:, :, :e].transpose(-1, -2), kept.transpose(-1, -2)).view(B, Hk, -1, R, e - s)
+        y = yT.permute(0, 1, 3, 4, 2)  # (B, H_kv, R, T, D_v)
+        if p > 0:
+            y.mul_(1.0 / (1.0 - quantised_p(p)))
+        if keep_for_backward:  # (without, each chunk's probabilities are freed as soon as they are used)
+            ctx.save_for_backward(qs, k, v, y, *probs, *drops)
         ctx.p = p
         return y
 
     @staticmethod
     def backward(ctx, dy):
         qs, k, v, y, *saved = ctx.saved_tensors
-        n_chunks = len(saved) // 2
-        all_probs, drops = saved[:n_chunks], saved[n_chunks:]
+        p = ctx.p
         B, Hk, R, T, D = qs.shape
-        dq, dk, dv = torch.empty_like(qs), torch.zeros_like(k), torch.zeros_like(v)
+        n_chunks = (T + ATTENTION_CHUNK - 1) // ATTENTION_CHUNK
+        all_probs, drops = saved[:n_chunks], saved[n_chunks:]
+        dqT = qs.new_empty(B, Hk, D, R, T)
+        dkT, dvT = k.new_zeros(B, Hk, D, T), v.new_zeros(B, Hk, v.size(-1), T)
         # softmax backward: dS = P * (dP - sum_j P_j dP_j), and sum_j P_j dP_j = dy . y for every row
         row_dot = (dy * y).sum(-1, keepdim=True)
-        dy = dy * (1.0 / (1.0 - quantised_p(ctx.p)))
+        if p > 0:
+            dy = dy * (1.0 / (1.0 - quantised_p(p)))
         for i, s in enumerate(range(0, T, ATTENTION_CHUNK)):
             e = min(T, s + ATTENTION_CHUNK)
-            probs, dyc = all_probs[i], CausalAttentionDropout.rows(dy, s, e)
-            kept = probs.masked_fill(drops[i], 0.0)
-            dv[:, :, :e] += torch.matmul(kept.transpose(-1, -2), dyc)
+            probs, dyc = all_probs[i], ChunkedCausalAttention.rows(dy, s, e)
+            kept = probs.masked_fill(drops[i], 0.0) if p > 0 else probs
+            dvT[..., :e] += torch.matmul(dyc.transpose(-1, -2), kept)
             # dS = P * (dP - row_dot), where dP = dy v^T on kept entries and 0 on dropped ones
             ds = torch.matmul(dyc, v[:, :, :e].transpose(-1, -2)).mul_(kept)
             ds.view(B, Hk, R, e - s, e).addcmul_(probs.view(B, Hk, R, e - s, e), row_dot[:, :, :, s:e], value=-1)
-            dq[:, :, :, s:e] = torch.matmul(ds, k[:, :, :e]).view(B, Hk, R, e - s, D)
-            dk[:, :, :e] += torch.matmul(ds.transpose(-1, -2), CausalAttentionDropout.rows(qs, s, e))
-        return dq.mul_(1.0 / math.sqrt(D)), dk, dv, None
+            dqT[..., s:e] = torch.matmul(k[:, :, :e].transpose(-1, -2), ds.transpose(-1, -2)).view(B, Hk, D, R, e - s)
+            dkT[..., :e] += torch.matmul(ChunkedCausalAttention.rows(qs, s, e).transpose(-1, -2), ds)
+        dq = dqT.permute(0, 1, 3, 4, 2).mul_(1.0 / math.sqrt(D))
+        return dq, dkT.transpose(-1, -2), dvT.transpose(-1, -2), None, None
 
 
 def causal_attention(q, k, v, dropout_p=0.0):
     """Causal attention of q (B, H, T, D) over k, v (B, H_kv, T, D), dropout on the probabilities."""
-    if dropout_p > 0 and q.device.type == "cpu":
-        return chunked_attention_dropout(q, k, v, dropout_p)
+    if q.device.type == "cpu" and (dropout_p > 0 or q.size(-1) <= CHUNKED_MAX_HEAD_DIM):
+        return chunked_causal_attention(q, k, v, dropout_p)
     n_rep = q.size(1) // k.size(1)
     return F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), dropout_p=dropout_p,
                                           is_causal=True)
 
 
 @torch.compiler.disable  # under torch.compile too: inductor would materialise the scores (a graph break per layer)
-def chunked_attention_dropout(q, k, v, p):
+def chunked_causal_attention(q, k, v, p):
     B, H, T, D = q.shape
-    y = CausalAttentionDropout.apply(q.view(B, k.size(1), H // k.size(1), T, D), k, v, p)
-    return y.view(B, H, T, -1)
+    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    y = ChunkedCausalAttention.apply(q.view(B, k.size(1), H // k.size(1), T, D), k, v, p, keep)
+    return y.reshape(B, H, T, -1)
 
 
 class Attention(nn.Module):

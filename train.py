@@ -174,10 +174,10 @@ device_type = "cuda" if "cuda" in device else "cpu"  # for torch.autocast
 ptdtype = DTYPES[dtype]
 ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
 use_compile = device_type == "cuda" if compile == "auto" else compile
-# On a CPU the compiled training step is ~1.1x faster (bench/bench_train.py: 260K 16 x 512 and 15M 8 x 256,
-# dropout 0; ~1.04x with the seed's dropout 0.05) after 35-80 s of compiling, so it pays from a few hundred
-# iterations: auto compiles runs of at least this many (inductor also needs a C++ compiler there). Not PPO's
-# training forward: compiled, the seed's PPO step was no faster (bench/bench_ppo.py).
+# On a CPU the compiled training step is 1.05-1.25x faster (bench/bench_train.py: 260K 16 x 512 and 15M 8 x 256,
+# dropout 0 and 0.05) after 13-65 s of compiling, so it pays from a few hundred iterations: auto compiles runs of
+# at least this many (inductor also needs a C++ compiler there). PPO's training forward is left to --compile=True
+# (the seed's command has it: its step 1.15x faster compiled, bench/bench_ppo.py); the CPU recipe was not measured.
 AUTO_COMPILE_ITERS = 1000
 
 # -----------------------------------------------------------------------------

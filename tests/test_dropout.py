@@ -1,6 +1,7 @@
-"""Dropout on a CPU (model.py): the chunked causal attention with dropout against the naive computation with the
-same keep mask, its statistics (drop rate, independence across heads, positions and steps), and that a seed
-reproduces it and a saved RNG state resumes it."""
+"""Attention and dropout on a CPU (model.py): the chunked causal attention against SDPA (alone and in a model's
+training step) and, with dropout, against the naive computation with the same keep mask; its statistics (drop
+rate, independence across heads, positions and steps); that a seed reproduces it and a saved RNG state resumes
+it; and which path attention takes."""
 import math
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import model as model_module
-from model import CausalAttentionDropout, ModelArgs, Transformer, causal_attention, dropout, drop_mask, quantised_p
+from model import ChunkedCausalAttention, ModelArgs, Transformer, causal_attention, dropout, drop_mask, quantised_p
 
 
 def qkv(B=2, H=4, Hk=2, T=37, D=5, dtype=torch.float64, seed=0):
@@ -19,7 +20,7 @@ def qkv(B=2, H=4, Hk=2, T=37, D=5, dtype=torch.float64, seed=0):
 
 def grouped(q, k, v, p):
     B, H, T, D = q.shape
-    return CausalAttentionDropout.apply(q.view(B, k.size(1), H // k.size(1), T, D), k, v, p).view(B, H, T, -1)
+    return ChunkedCausalAttention.apply(q.view(B, k.size(1), H // k.size(1), T, D), k, v, p).reshape(B, H, T, -1)
 
 
 @pytest.fixture
@@ -147,3 +148,41 @@ def test_a_model_with_dropout_trains_and_is_deterministic_in_eval_mode():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
     m.eval()
     assert m(x, x).loss.item() == m(x, x).loss.item()
+
+
+def test_attention_takes_the_chunks_where_they_pay_whatever_the_grad_mode(monkeypatch):
+    """Chunks on a CPU with dropout or at head_dim <= CHUNKED_MAX_HEAD_DIM (SDPA's fused kernel is slow for small
+    heads), SDPA above it; with or without gradients alike, and bit for bit the same output both ways (PPO's
+    no-grad log-probs must equal its training forward's)."""
+    calls = []
+    real = model_module.chunked_causal_attention
+    monkeypatch.setattr(model_module, "chunked_causal_attention", lambda *a: calls.append(1) or real(*a))
+    for D, p, chunked in [(8, 0.0, True), (32, 0.0, True), (48, 0.0, False), (48, 0.1, True)]:
+        outputs = []
+        for grad in (True, False):
+            calls.clear()
+            q, k, v = qkv(D=D, dtype=torch.float32)
+            torch.manual_seed(0)
+            with torch.set_grad_enabled(grad):
+                outputs.append(causal_attention(q, k, v, p))
+            assert bool(calls) == chunked, (D, grad, p)
+        assert outputs[0].requires_grad and not outputs[1].requires_grad
+        assert torch.equal(outputs[0].detach(), outputs[1]), (D, p)
+
+
+def test_training_through_the_chunks_gives_sdpa_loss_and_gradients(monkeypatch):
+    """The whole model at dropout 0: the same loss and gradients whether attention runs in chunks or in SDPA."""
+    monkeypatch.setattr(model_module, "ATTENTION_CHUNK", 16)  # 80 positions: 5 chunks
+    cfg = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=8, max_seq_len=80)
+    torch.manual_seed(0)
+    m = Transformer(cfg).double()
+    x = torch.randint(0, 64, (3, 80))
+    results = []
+    for max_head_dim in (model_module.CHUNKED_MAX_HEAD_DIM, 0):  # head_dim 8: chunks, then SDPA
+        monkeypatch.setattr(model_module, "CHUNKED_MAX_HEAD_DIM", max_head_dim)
+        loss = m(x, x).loss
+        results.append((loss.detach(), torch.autograd.grad(loss, list(m.parameters()))))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, rtol=0, atol=1e-12)
+    for a, b in zip(grads_a, grads_b):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
