@@ -4,9 +4,9 @@ highest. One pool of pool_size samples per held-out prompt gives the unbiased ex
 n <= pool_size (rlhf.best_of_n_weights); picking by gold instead gives the ceiling. The KL of best-of-n to
 SFT is at most log n - (n - 1) / n (a bound, reported as such).
 
-    python best_of_n.py --sft=out/rlhf/sft/ckpt.pt --reward_model=out/rlhf/rm/rm.pt --out_dir=out/rlhf
+    python best_of_n.py --policy=out/rlhf/sft/ckpt.pt --reward=out/rlhf/rm/rm.pt --out_dir=out/rlhf
 
-CPU: ~4 minutes for 96 prompts x 32; one GPU: the same command. Writes out_dir/bon.json, bon_pool.jsonl
+CPU: ~2 minutes for 64 prompts x 64; one GPU: the same command. Writes out_dir/bon.json, bon_pool.jsonl
 and samples_bon<n>.jsonl (the RM's pick among each prompt's first n samples, for the largest n).
 """
 import json
@@ -17,21 +17,21 @@ import time
 from tqdm import tqdm
 
 import configurator
-from generate import compile_decode
-from instruct import KINDS, InstructData, bootstrap_ci
-from rlhf import (best_of_n_kl_bound, best_of_n_weights, guard_metrics, load_policy, reward_scores, sample_record,
-                  sample_stories, write_jsonl)
-from utils import atomic_write, fail, load_checkpoint, load_tokenizer, pick_device
+from rlhf import (best_of_n_kl_bound, best_of_n_weights, guard_metrics, load_reward_model, open_stage, reward_scores,
+                  sample_record, sample_stories, write_jsonl)
+from stats import bootstrap_ci
+from utils import atomic_write, fail
 
 # -----------------------------------------------------------------------------
-sft = "out/rlhf/sft/ckpt.pt"
-reward_model = "out/rlhf/rm/rm.pt"
-reference = "stories260K/stories260K.pt"  # for the guard's reference NLL
+task = "story"  # story or instruct (tasks.py)
+policy = "out/rlhf/sft/ckpt.pt"  # the SFT policy the pool is drawn from
+reward = "out/rlhf/rm/rm.pt"  # the reward model that picks
+reference = "stories260K/stories260K.pt"  # the frozen pre-trained model (gold's fluency, the guard's NLL)
 tokenizer = "stories260K/tok512.model"
 data_dir = ""
 out_dir = "out/rlhf"
-n_prompts = 96
-pool_size = 32
+n_prompts = 64
+pool_size = 64
 temperature = 1.0
 batch_size = 64
 device = "auto"
@@ -44,22 +44,19 @@ configurator.apply_or_exit(globals(), sys.argv[1:])
 def main():
     if pool_size < 1 or n_prompts < 1:
         fail(f"--pool_size and --n_prompts must be >= 1, got {pool_size}, {n_prompts}")
+    dev, enc, the_task, model, decode_fn = open_stage(task, policy, tokenizer, data_dir, device, compile, seed,
+                                                      reference)
     try:
-        dev = pick_device(device)
-        enc = load_tokenizer(tokenizer, 512)
-        data = InstructData(enc, data_dir or None, load_checkpoint(sft).get("kinds") or list(KINDS))
-        policy = load_policy(sft, dev)
-        rm = load_policy(reward_model, dev, value_head=True)
-        ref = load_policy(reference, dev)
+        rm = load_reward_model(reward, dev)
+        ref = the_task.reference() if task == "story" else None
     except (FileNotFoundError, ValueError, KeyError) as e:
         fail(e)
     t0 = time.time()
-    examples = data.heldout_examples(n_prompts)
-    decode_fn = compile_decode(policy) if compile is True or (compile == "auto" and dev == "cpu") else None
+    examples = the_task.heldout_examples(n_prompts)
     with tqdm(total=len(examples) * pool_size, desc="best-of-n pool", unit="story") as bar:
-        pool = sample_stories(policy, examples, enc, pool_size, temperature, batch_size, seed=seed,
+        pool = sample_stories(model, examples, the_task, pool_size, temperature, batch_size, seed=seed,
                               decode_fn=decode_fn, progress=bar)
-    guard = guard_metrics(pool, enc, reference=ref)
+    guard = guard_metrics(pool, reference=ref)
     rm_s = reward_scores(rm, [s.example.prompt for s in pool], [s.response for s in pool])
     records = [sample_record(s, **g, rm_score=r) for s, g, r in zip(pool, guard, rm_s)]
     write_jsonl(os.path.join(out_dir, "bon_pool.jsonl"), records)
@@ -75,7 +72,7 @@ def main():
             per_prompt["gold_by_rm"].append(sum(w * r["gold"] for w, r in zip(by_rm, group)))
             per_prompt["rm_by_rm"].append(sum(w * r["rm_score"] for w, r in zip(by_rm, group)))
             per_prompt["gold_by_gold"].append(sum(w * r["gold"] for w, r in zip(by_gold, group)))
-            per_prompt["ref_nll_by_rm"].append(sum(w * r["ref_nll"] for w, r in zip(by_rm, group)))
+            per_prompt["ref_nll_by_rm"].append(sum(w * r.get("ref_nll", 0.0) for w, r in zip(by_rm, group)))
             per_prompt["rep3_by_rm"].append(sum(w * r["rep3"] for w, r in zip(by_rm, group)))
         m, lo, hi = bootstrap_ci(per_prompt["gold_by_rm"])
         rows.append({"n": n, "kl_bound": best_of_n_kl_bound(n), "gold_by_rm_ci": [lo, hi],

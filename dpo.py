@@ -4,9 +4,9 @@ PPO: train the policy on the reward model's preference pairs directly,
     loss = -logsigmoid(beta * ((log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x)))),
 with the SFT model as the frozen reference (its log-probs computed once, before training).
 
-    python dpo.py --sft=out/rlhf/sft/ckpt.pt --pairs=out/rlhf/rm/pool_train.jsonl --out_dir=out/rlhf/dpo
+    python dpo.py --policy=out/rlhf/sft/ckpt.pt --pairs=out/rlhf/rm/pool_train.jsonl --out_dir=out/rlhf/dpo
 
-CPU: ~3 minutes; one GPU: the same command. Logs the chosen/rejected log-probs, the implicit rewards' margin
+CPU: ~2 minutes; one GPU: the same command. Logs the chosen/rejected log-probs, the implicit rewards' margin
 and accuracy; writes out_dir/ckpt.pt and metrics.jsonl.
 """
 import os
@@ -18,18 +18,20 @@ import torch
 import configurator
 from rlhf import (dpo_loss, load_policy, make_batch, preference_pairs, read_jsonl, response_logprobs, save_policy,
                   sequence_logprobs, shuffled_batches)
-from utils import MetricsLog, cosine_lr, fail, load_checkpoint, pick_device
+from tasks import TASKS
+from utils import MetricsLog, cosine_lr, fail, pick_device
 
 # -----------------------------------------------------------------------------
-sft = "out/rlhf/sft/ckpt.pt"  # the initial policy and the frozen reference
+task = "story"  # story or instruct (tasks.py): the task the pool was sampled on
+policy = "out/rlhf/sft/ckpt.pt"  # the SFT policy: the initial policy and the frozen reference
 pairs = "out/rlhf/rm/pool_train.jsonl"  # the pool reward_model.py sampled; its gold-labelled pairs
 out_dir = "out/rlhf/dpo"
 beta = 0.1
-min_margin = 0.0  # use only pairs whose gold differs by more than this
+min_margin = 0.1  # use only pairs whose gold differs by more than this (near-ties are mostly sampling noise)
 batch_size = 16  # pairs per step
 epochs = 2
-learning_rate = 3e-4
-min_lr = 3e-5
+learning_rate = 1e-4
+min_lr = 1e-5
 warmup_iters = 5
 grad_clip = 1.0
 device = "auto"
@@ -45,13 +47,14 @@ def main():
     for name in ("batch_size", "epochs"):
         if globals()[name] < 1:
             fail(f"--{name} must be >= 1, got {globals()[name]}")
+    if task not in TASKS:
+        fail(f"unknown task {task!r}: use --task=story or --task=instruct")
     torch.manual_seed(seed)
     try:
         dev = pick_device(device)
         records = read_jsonl(pairs)
-        policy = load_policy(sft, dev)
-        reference = load_policy(sft, dev).requires_grad_(False)
-        kinds = load_checkpoint(sft).get("kinds")
+        model = load_policy(policy, dev)
+        reference = load_policy(policy, dev).requires_grad_(False)
     except (FileNotFoundError, ValueError, KeyError) as e:
         fail(e)
     chosen_rejected = [(c, r) for c, r in preference_pairs(records)
@@ -67,9 +70,9 @@ def main():
 
     os.makedirs(out_dir, exist_ok=True)
     metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
-    optimizer = policy.configure_optimizers(0.0, learning_rate, (0.9, 0.95), dev.split(":")[0])
+    optimizer = model.configure_optimizers(0.0, learning_rate, (0.9, 0.95), dev.split(":")[0])
     steps = epochs * (len(chosen_rejected) // batch_size)
-    policy.train()
+    model.train()
     t0 = time.time()
     for it, batch in shuffled_batches(chosen_rejected, batch_size, epochs, seed):
         lr = cosine_lr(it, learning_rate, min_lr, warmup_iters, steps)
@@ -77,14 +80,14 @@ def main():
             g["lr"] = lr
         idx = [c for c, _ in batch] + [r for _, r in batch]
         inputs, targets, _ = make_batch([prompts[j] for j in idx], [responses[j] for j in idx], dev)
-        lp = response_logprobs(policy, inputs, targets)[1]
+        lp = response_logprobs(model, inputs, targets)[1]
         ref = torch.tensor([ref_lp[j] for j in idx], device=dev)
         n = len(batch)
         losses, chosen_reward, rejected_reward = dpo_loss(lp[:n], lp[n:], ref[:n], ref[n:], beta)
         loss = losses.mean()
         loss.backward()
         if grad_clip:
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if it % 10 == 0:
@@ -97,7 +100,7 @@ def main():
                           logp_chosen=lp[:n].mean().item(), logp_rejected=lp[n:].mean().item(),
                           reward_chosen=chosen_reward.mean().item(), reward_rejected=rejected_reward.mean().item())
     path = os.path.join(out_dir, "ckpt.pt")
-    save_policy(policy, path, kinds=kinds, config=config)
+    save_policy(model, path, task=task, config=config)
     print(f"saved {path} ({time.time() - t_start:.0f} s)")
 
 

@@ -1,15 +1,15 @@
 """
-Score any checkpoint on the held-out instruction prompts (shard 0, never trained on): one story per prompt
-at temperature 1, judged by gold (instruct.py) with a bootstrap 95% CI, per-constraint satisfaction, the reward
-model's score, and the guard: KL to the SFT model (nats/story), reference NLL (nats/token under the frozen
-pre-trained model) and the repeated-3-gram rate.
+Score any checkpoint on the task's held-out prompts (shard 0, never trained on): one story per prompt at
+temperature 1, judged by gold (tasks.py) with a bootstrap 95% CI, per component, the reward model's score, and the
+guard: KL to the SFT model (nats/story), reference NLL (nats/token under the frozen pre-trained model) and the
+repeated-3-gram rate.
 
-    python evaluate.py --checkpoint=out/rlhf/dpo/ckpt.pt --name=dpo --out_dir=out/rlhf
-    python evaluate.py --checkpoint=stories260K/stories260K.pt --name=pretrained   # the same prompts, no SFT
-    python evaluate.py --report=out/rlhf      # report.json, report.md and the plots from every eval_*.json
+    python evaluate.py --policy=out/rlhf/dpo/ckpt.pt --name=dpo --out_dir=out/rlhf
+    python evaluate.py --policy=stories260K/stories260K.pt --name=pretrained   # the same prompts, no SFT
+    python evaluate.py --report=out/rlhf      # report.json, report.md and the plot from every eval_*.json
 
-Writes out_dir/eval_<name>.json and out_dir/samples_<name>.jsonl ({"prompt", "constraints", "story", ...} per
-line). CPU: ~1 minute for 200 prompts; one GPU: the same command.
+Writes out_dir/eval_<name>.json and out_dir/samples_<name>.jsonl (one {"prompt", "story", "gold", "components",
+...} per held-out prompt). CPU: ~30 s for 128 prompts; one GPU: the same command.
 """
 import glob
 import json
@@ -18,44 +18,41 @@ import os
 import sys
 import time
 
-
 import configurator
-from generate import compile_decode
-from instruct import KINDS, InstructData, bootstrap_ci
-from rlhf import (guard_metrics, load_policy, reward_scores, sample_record, sample_stories,
-                  write_jsonl)
-from utils import atomic_write, fail, load_checkpoint, load_tokenizer, pick_device
+from rlhf import guard_metrics, load_policy, load_reward_model, open_stage, reward_scores, sample_record, sample_stories, write_jsonl
+from stats import bootstrap_ci, paired_diff_ci
+from utils import atomic_write, fail
 
 # -----------------------------------------------------------------------------
-checkpoint = "out/rlhf/sft/ckpt.pt"
+task = "story"  # story or instruct (tasks.py)
+policy = "out/rlhf/sft/ckpt.pt"  # the checkpoint to evaluate
 name = ""  # the method's name in the file names and the report (default: the checkpoint's folder)
 out_dir = "out/rlhf"
 sft = "out/rlhf/sft/ckpt.pt"  # KL to SFT is measured against it ("" to skip)
-reference = "stories260K/stories260K.pt"  # the frozen pre-trained model of the guard's NLL
+reference = "stories260K/stories260K.pt"  # the frozen pre-trained model (fluency and the guard's NLL)
 reward_model = ""  # a reward model (rm.pt) to report its score ("" to skip)
-kinds = ""  # the constraints of the prompts (default: the SFT checkpoint's)
 tokenizer = "stories260K/tok512.model"
 data_dir = ""
-n_prompts = 200
+n_prompts = 128
 temperature = 1.0
 batch_size = 64
 device = "auto"
 compile = "auto"  # compile the decode step
 seed = 0
-report = ""  # a folder: build report.json / report.md / plots from its eval_*.json, rm.json and bon.json, and exit
+report = ""  # a folder: build report.json / report.md / the plot from its eval_*.json, rm.json and bon.json, and exit
 # -----------------------------------------------------------------------------
 configurator.apply_or_exit(globals(), sys.argv[1:])
 
 
-def summarise(records):
+def summarise(records, components):
     """Means (and gold's bootstrap CI) of the per-story records."""
     n = len(records)
     mean, lo, hi = bootstrap_ci([r["gold"] for r in records])
-    out = {"n": n, "gold": mean, "gold_ci": [lo, hi], "per_constraint": {}}
-    for kind in KINDS:
-        vals = [r["scores"][kind] for r in records if kind in r["scores"]]
+    out = {"n": n, "gold": mean, "gold_ci": [lo, hi], "components": {}}
+    for c in components:
+        vals = [r["components"][c] for r in records if c in r["components"]]
         if vals:
-            out["per_constraint"][kind] = {"n": len(vals), "mean": sum(vals) / len(vals)}
+            out["components"][c] = {"n": len(vals), "mean": sum(vals) / len(vals)}
     for key in ("kl_sft", "ref_nll", "rep3", "rm_score", "n_tokens", "ended"):
         vals = [float(r[key]) for r in records if key in r]
         if vals:
@@ -64,49 +61,37 @@ def summarise(records):
 
 
 def evaluate():
-    name_ = name or os.path.basename(os.path.dirname(os.path.abspath(checkpoint)))
+    name_ = name or os.path.basename(os.path.dirname(os.path.abspath(policy)))
+    dev, enc, the_task, model, decode_fn = open_stage(task, policy, tokenizer, data_dir, device, compile, seed,
+                                                      reference)
     try:
-        dev = pick_device(device)
-        enc = load_tokenizer(tokenizer, 512)
-        kinds_ = kinds.split(",") if kinds else (load_checkpoint(sft).get("kinds") if sft else None) or list(KINDS)
-        data = InstructData(enc, data_dir or None, kinds_)
-        policy = load_policy(checkpoint, dev)
         sft_model = load_policy(sft, dev) if sft else None
-        ref_model = load_policy(reference, dev) if reference else None
-        rm = load_policy(reward_model, dev, value_head=True) if reward_model else None
+        ref_model = the_task.reference() if task == "story" else load_policy(reference, dev) if reference else None
+        rm = load_reward_model(reward_model, dev) if reward_model else None
     except (FileNotFoundError, ValueError, KeyError) as e:
         fail(e)
-    if policy.params.vocab_size != enc.n_words:
-        fail(f"vocab mismatch: {checkpoint} has {policy.params.vocab_size} tokens, {tokenizer} {enc.n_words}")
-    examples = data.heldout_examples(n_prompts)
+    examples = the_task.heldout_examples(n_prompts)
     t0 = time.time()
-    decode_fn = compile_decode(policy) if compile is True or (compile == "auto" and dev == "cpu") else None
-    samples = sample_stories(policy, examples, enc, 1, temperature, batch_size, seed=seed, decode_fn=decode_fn)
-    guard = guard_metrics(samples, enc, ref_model, sft_model, policy)
+    samples = sample_stories(model, examples, the_task, 1, temperature, batch_size, seed=seed, decode_fn=decode_fn)
+    guard = guard_metrics(samples, ref_model, sft_model, model)
     rm_scores = reward_scores(rm, [s.example.prompt for s in samples], [s.response for s in samples]) if rm else None
     records = [sample_record(s, **g, **({"rm_score": rm_scores[i]} if rm else {}))
                for i, (s, g) in enumerate(zip(samples, guard))]
-    result = {"name": name_, "checkpoint": checkpoint, **summarise(records), "temperature": temperature,
-              "golds": [r["gold"] for r in records], "seconds": time.time() - t0}
+    result = {"name": name_, "task": task, "policy": policy, **summarise(records, the_task.components),
+              "temperature": temperature, "golds": [r["gold"] for r in records], "seconds": time.time() - t0}
     os.makedirs(out_dir, exist_ok=True)
     write_jsonl(os.path.join(out_dir, f"samples_{name_}.jsonl"), records)
     with atomic_write(os.path.join(out_dir, f"eval_{name_}.json"), "w") as f:
         json.dump(result, f, indent=1)
-    per = ", ".join(f"{k} {v['mean']:.3f}" for k, v in result["per_constraint"].items())
+    per = ", ".join(f"{k} {v['mean']:.3f}" for k, v in result["components"].items())
     print(f"{name_}: gold {result['gold']:.3f} [{result['gold_ci'][0]:.3f}, {result['gold_ci'][1]:.3f}] on "
           f"{len(records)} held-out prompts ({per}); kl_sft {result.get('kl_sft', float('nan')):.2f}, ref_nll "
-          f"{result.get('ref_nll', float('nan')):.3f}, rep3 {result['rep3']:.3f}"
+          f"{result.get('ref_nll', float('nan')):.3f}, rep3 {result['rep3']:.3f}, tokens {result['n_tokens']:.0f}"
           + (f", rm {result['rm_score']:.3f}" if rm else "") + f" ({result['seconds']:.0f} s)")
 
 
 # -----------------------------------------------------------------------------
 # the report
-
-def paired_diff_ci(a, b, n_boot=2000, seed=0):
-    """Mean of a - b over paired prompts, with a percentile-bootstrap 95% interval."""
-    d = [x - y for x, y in zip(a, b)]
-    return bootstrap_ci(d, n_boot, seed)
-
 
 def build_report(folder):
     evals = {}
@@ -117,7 +102,7 @@ def build_report(folder):
     if not evals:
         fail(f"no eval_*.json in {folder}: run evaluate.py on some checkpoints first")
     extra = {}
-    for key in ("rm", "bon", "check", "timings"):
+    for key in ("rm", "bon", "check", "pilot"):
         path = os.path.join(folder, f"{key}.json") if key != "rm" else os.path.join(folder, "rm", "rm.json")
         if os.path.isfile(path):
             with open(path) as f:
@@ -131,13 +116,18 @@ def build_report(folder):
     for name_, e in evals.items():
         row = {k: e.get(k) for k in ("name", "n", "gold", "gold_ci", "kl_sft", "ref_nll", "rep3", "rm_score",
                                      "n_tokens", "ended")}
-        row["per_constraint"] = {k: v["mean"] for k, v in e["per_constraint"].items()}
+        row["components"] = {k: v["mean"] for k, v in e["components"].items()}
         if base is not None and name_ != "sft" and len(e["golds"]) == len(base["golds"]):
             m, lo, hi = paired_diff_ci(e["golds"], base["golds"])
             row["gold_vs_sft"] = [m, lo, hi]
         if base is not None and e.get("ref_nll") is not None:
             row["ref_nll_vs_sft"] = e["ref_nll"] - base["ref_nll"]
         rows.append(row)
+    pre = evals.get("pretrained")
+    if pre is not None and base is not None and len(pre["golds"]) == len(base["golds"]):
+        extra["sft_vs_pretrained"] = list(paired_diff_ci(base["golds"], pre["golds"]))
+    extra["targets"] = targets(evals, extra)
+    extra["peaks"] = peaks(evals)
     rep = {"methods": rows, **extra}
     with atomic_write(os.path.join(folder, "report.json"), "w") as f:
         json.dump(rep, f, indent=1)
@@ -145,8 +135,22 @@ def build_report(folder):
     def fmt(x, p=3):
         return "–" if x is None else f"{x:.{p}f}"
 
-    lines = ["# RLHF chain report", "", "Held-out prompts: shard 0, one story per prompt at temperature 1.", ""]
-    kinds_seen = sorted({k for r in rows for k in r["per_constraint"]}, key=KINDS.index)
+    lines = ["# RLHF chain report", ""]
+    if "pilot" in extra:
+        p = extra["pilot"]
+        comps = [c for c in next(v for v in p.values() if isinstance(v, dict)) if c not in ("gold", "tokens")]
+        lines += ["Pilot: each gold component's rate on the real held-out continuations (cut at the budget) and on the "
+                  f"pre-trained model's samples for the same prompts ({p.get('prompts with a name', 0):.0%} of the "
+                  "prompts carry a name).", "",
+                  "| source | " + " | ".join(comps) + " | gold | tokens |", "|---|" + "---|" * (len(comps) + 2)]
+        for source, r in p.items():
+            if isinstance(r, dict):
+                lines.append(f"| {source} | " + " | ".join(f"{r[c]:.3f}" for c in comps)
+                             + f" | {r['gold']:.3f} | {r['tokens']:.0f} |")
+        lines.append("")
+    lines += [f"Task {next(iter(evals.values())).get('task', 'story')}; held-out prompts: "
+             "shard 0, one story per prompt at temperature 1.", ""]
+    kinds_seen = list(dict.fromkeys(k for r in rows for k in r["components"]))
     lines += ["| method | gold [95% CI] | gold − SFT [95% CI] | " + " | ".join(kinds_seen) +
               " | KL to SFT (nats/story) | ref NLL (nats/tok) | Δ ref NLL | rep3 | RM score | tokens |",
               "|---|---|---|" + "---|" * len(kinds_seen) + "---|---|---|---|---|---|"]
@@ -154,7 +158,7 @@ def build_report(folder):
         d = r.get("gold_vs_sft")
         lines.append(f"| {r['name']} | {fmt(r['gold'])} [{fmt(r['gold_ci'][0])}, {fmt(r['gold_ci'][1])}] | "
                      + (f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" if d else "–") + " | "
-                     + " | ".join(fmt(r["per_constraint"].get(k)) for k in kinds_seen)
+                     + " | ".join(fmt(r["components"].get(k)) for k in kinds_seen)
                      + f" | {fmt(r['kl_sft'], 2)} | {fmt(r['ref_nll'])} | "
                      + (f"{r['ref_nll_vs_sft']:+.3f}" if r.get("ref_nll_vs_sft") is not None else "–")
                      + f" | {fmt(r['rep3'])} | {fmt(r['rm_score'])} | {fmt(r['n_tokens'], 0)} |")
@@ -171,10 +175,23 @@ def build_report(folder):
     if "rm" in extra:
         m = extra["rm"]
         trivial = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in m["trivial"].items())
+        per = ", ".join(f"{c} {v['accuracy']:.3f} ({v['pairs']} pairs)" for c, v in m.get("per_component", {}).items())
         lines += ["", f"Reward model: held-out accuracy {m['accuracy']:.3f} on {m['heldout_pairs']} pairs, "
                   f"{m['accuracy_clear']:.3f} on {m['heldout_clear_pairs']} clear pairs; best trivial predictor "
                   f"{m['best_trivial']:.3f} ({trivial}); "
-                  f"Spearman with gold {m['spearman_gold']:.3f}."]
+                  f"Spearman with gold {m['spearman_gold']:.3f}." + (f" Per component: {per}." if per else "")]
+    for method, pk in extra["peaks"].items():
+        lines += ["", f"Over-optimisation, {method}: gold peaks at {pk['peak']['name']} (gold {pk['peak']['gold']:.3f}, "
+                  f"KL {pk['peak']['kl_sft']:.1f} nats, RM {pk['peak']['rm_score']:.3f})"
+                  + (f"; before it {pk['before']['name']} (gold {pk['before']['gold']:.3f}, KL {pk['before']['kl_sft']:.1f},"
+                     f" RM {pk['before']['rm_score']:.3f})" if pk.get("before") else "")
+                  + (f"; after it {pk['after']['name']} (gold {pk['after']['gold']:.3f}, KL {pk['after']['kl_sft']:.1f}, "
+                     f"RM {pk['after']['rm_score']:.3f})" if pk.get("after") else "; no checkpoint after it")
+                  + f"; the RM score {'keeps rising' if pk['proxy_rises_after_peak'] else 'does not keep rising'} "
+                  "after the peak."]
+    if extra["targets"]:
+        lines += ["", "| target | measured | met |", "|---|---|---|"]
+        lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |" for t in extra["targets"]]
     if "timings_s" in extra:
         t = extra["timings_s"]
         lines += ["", f"Wall time of the stages (s): {', '.join(f'{k} {v}' for k, v in t.items())}; "
@@ -183,6 +200,74 @@ def build_report(folder):
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot_overoptimisation(folder, evals, extra.get("bon"))
+
+
+def run_points(evals):
+    """{method: [(iteration, eval), ...]} of the RL runs evaluated along the way (names <method>@<iter>), each
+    from SFT (iteration 0) to its final checkpoint (evaluated under the method's plain name)."""
+    series = {}
+    for name_, e in evals.items():
+        if "@" in name_ and e.get("kl_sft") is not None and e.get("rm_score") is not None:
+            method, step = name_.split("@")
+            series.setdefault(method, []).append((int(step), e))
+    for method, pts in series.items():
+        if method in evals:
+            pts.append((10 ** 9, evals[method]))
+        if "sft" in evals and evals["sft"].get("rm_score") is not None:
+            pts.append((0, evals["sft"]))
+        pts.sort(key=lambda p: p[0])
+    return series
+
+
+def peaks(evals):
+    """Where gold peaks along each RL run, with the checkpoints before and after it, and whether the proxy
+    (the RM score) still rises past the peak."""
+    out = {}
+    for method, pts in run_points(evals).items():
+        i = max(range(len(pts)), key=lambda k: pts[k][1]["gold"])
+        pick = lambda e: {k: e.get(k) for k in ("name", "gold", "kl_sft", "rm_score")}
+        out[method] = {"peak": pick(pts[i][1]), "before": pick(pts[i - 1][1]) if i > 0 else None,
+                       "after": pick(pts[i + 1][1]) if i + 1 < len(pts) else None,
+                       "proxy_rises_after_peak": i + 1 < len(pts) and pts[-1][1]["rm_score"] > pts[i][1]["rm_score"]}
+    return out
+
+
+def targets(evals, extra):
+    """The chain's targets against what was measured (story task: issue 22's list)."""
+    out = []
+    sft, pre = evals.get("sft"), evals.get("pretrained")
+
+    def add(target, measured, met):
+        out.append({"target": target, "measured": measured, "met": bool(met)})
+    if "sft_vs_pretrained" in extra:
+        m, lo, hi = extra["sft_vs_pretrained"]
+        add("SFT gold >= pre-trained + 0.05, CI excluding 0", f"{sft['gold']:.3f} vs {pre['gold']:.3f}: {m:+.3f} "
+            f"[{lo:+.3f}, {hi:+.3f}]", m >= 0.05 and lo > 0)
+    if "rm" in extra:
+        r = extra["rm"]
+        add("RM held-out accuracy >= 0.75 (non-tied pairs)", f"{r['accuracy']:.3f} on {r['heldout_pairs']} pairs",
+            r["accuracy"] >= 0.75)
+        add("RM accuracy >= 0.85 on pairs whose gold differs by >= 0.25",
+            f"{r['accuracy_clear']:.3f} on {r['heldout_clear_pairs']} pairs", r["accuracy_clear"] >= 0.85)
+        add("RM >= best trivial predictor + 0.05", f"{r['accuracy']:.3f} vs {r['best_trivial']:.3f}",
+            r["accuracy"] >= r["best_trivial"] + 0.05)
+    for name_ in ("dpo", "ppo_rm", "grpo_rm", "grpo_gold"):
+        e = evals.get(name_)
+        if e is None or sft is None or len(e["golds"]) != len(sft["golds"]):
+            continue
+        m, lo, hi = paired_diff_ci(e["golds"], sft["golds"])
+        add(f"{name_}: gold >= SFT + 0.10 (CI excluding 0) at KL to SFT <= 15", f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}] at "
+            f"KL {e['kl_sft']:.1f}", m >= 0.10 and lo > 0 and e["kl_sft"] <= 15)
+    if "bon" in extra and sft is not None:
+        rows = [r for r in extra["bon"]["rows"] if r["n"] == 16]
+        if rows:
+            one = extra["bon"]["rows"][0]["gold_by_rm"]
+            add("best-of-16 by the RM >= SFT + 0.05", f"{rows[0]['gold_by_rm']:.3f} vs best-of-1 (SFT) {one:.3f}",
+                rows[0]["gold_by_rm"] >= one + 0.05)
+    if "timings_s" in extra:
+        total = sum(extra["timings_s"].values())
+        add("the chain in <= 30 minutes", f"{total / 60:.1f} min (the stages' sum)", total <= 1800)
+    return out
 
 
 def plot_overoptimisation(folder, evals, bon):
@@ -196,21 +281,8 @@ def plot_overoptimisation(folder, evals, bon):
         print("matplotlib not installed: no plot (pip install matplotlib)")
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    series = {}
-    for name_, e in evals.items():
-        method = name_.split("@")[0]
-        step = int(name_.split("@")[1]) if "@" in name_ else None
-        if e.get("kl_sft") is not None and e.get("rm_score") is not None and (step is not None or name_ == "sft"):
-            series.setdefault(method, []).append((step or 0, e))
+    series = run_points(evals)
     for method, pts in series.items():
-        if method in evals:  # the run's final checkpoint, evaluated under the method's plain name
-            pts.append((10 ** 9, evals[method]))
-    for method, pts in series.items():
-        if method == "sft" or len(pts) < 2:
-            continue
-        if "sft" in evals and evals["sft"].get("rm_score") is not None:
-            pts = [(0, evals["sft"])] + pts
-        pts.sort(key=lambda p: p[0])
         x = [math.sqrt(max(0.0, p[1]["kl_sft"])) for p in pts]
         axes[0].plot(x, [p[1]["gold"] for p in pts], "o-", label=method)
         axes[1].plot(x, [p[1]["rm_score"] for p in pts], "o-", label=method)

@@ -1,18 +1,17 @@
 """
-Group-relative policy optimisation (GRPO, Shao et al. 2024) and its REINFORCE-style relatives on the
-instruction task: no value model; G stories per prompt, each story's advantage its reward relative to the
-others of its group, a clipped token-level policy-gradient loss.
+Group-relative policy optimisation (GRPO, Shao et al. 2024) and its REINFORCE-style relatives: no value model;
+G stories per prompt, each story's advantage its reward relative to the others of its group, PPO's clipped
+surrogate per token (ppo.clipped_policy_loss, the core PPOTrainer uses too).
 
-    python grpo.py --sft=out/rlhf/sft/ckpt.pt --reward=gold --out_dir=out/rlhf/grpo_gold
+    python grpo.py --policy=out/rlhf/sft/ckpt.pt --reward=gold --out_dir=out/rlhf/grpo_gold
     python grpo.py --reward=out/rlhf/rm/rm.pt --out_dir=out/rlhf/grpo_rm      # on the learned reward
     python grpo.py --advantage=rloo ...     # RLOO: reward minus the mean of the group's other rewards
     python grpo.py --advantage=reinforce    # plain REINFORCE with the batch mean as the baseline
 
-advantage: grpo (r - mean) / (std + 1e-4) within the group; rloo; reinforce. The KL to the SFT model is k1
-in the reward, r - beta * sum_t (log pi - log pi_sft) per story (beta=0: none). ppo_epochs > 1 reuses the
-rollouts with the ratio clipped to 1 +- cliprange. CPU: ~20 s per iteration of 64 stories; one GPU: the same
-command. Writes out_dir/ckpt.pt, ckpt_<iter>.pt every save_interval (the over-optimisation curve), and
-metrics.jsonl.
+advantage: grpo (r - mean) / (std + 1e-4) within the group; rloo; reinforce. The KL to the SFT model is k1 in the
+reward, r - beta * sum_t (log pi - log pi_sft) per story (beta=0: none). ppo_epochs > 1 reuses the rollouts with
+the ratio clipped to 1 +- cliprange. CPU: ~10 s per iteration of 64 stories; one GPU: the same command. Writes
+out_dir/ckpt.pt, ckpt_<iter>.pt every save_interval (the over-optimisation curve), and metrics.jsonl.
 """
 import os
 import sys
@@ -21,17 +20,17 @@ import time
 import torch
 
 import configurator
-from generate import compile_decode
-from instruct import KINDS, InstructData
-from ppo import repeated_ngram_rate
-from rlhf import (PromptStream, clipped_token_loss, group_advantages, load_policy, make_batch, response_logprobs, reward_scores,
-                  sample_stories, save_policy)
-from utils import MetricsLog, cosine_lr, fail, load_checkpoint, load_tokenizer, pick_device
+from ppo import clipped_policy_loss, kl_estimate, repeated_ngram_rate
+from rlhf import (PromptStream, group_advantages, load_policy, load_reward_model, make_batch, open_stage,
+                  response_logprobs, reward_scores, sample_stories, save_policy)
+from utils import MetricsLog, cosine_lr, fail
 
 # -----------------------------------------------------------------------------
-sft = "out/rlhf/sft/ckpt.pt"  # the initial policy and the KL reference
+task = "story"  # story or instruct (tasks.py)
+policy = "out/rlhf/sft/ckpt.pt"  # the initial policy and the KL reference
 reward = "gold"  # gold (the judge itself) or the path of a reward model (reward_model.py's rm.pt)
 tokenizer = "stories260K/tok512.model"
+reference = "stories260K/stories260K.pt"  # story task: the frozen model of gold's fluency component
 data_dir = ""
 out_dir = "out/rlhf/grpo"
 advantage = "grpo"  # grpo, rloo or reinforce
@@ -39,11 +38,11 @@ prompts_per_iter = 16
 group_size = 4  # G: stories per prompt
 max_iters = 20
 ppo_epochs = 1
-mini_batch_size = 16  # stories per forward/backward
+mini_batch_size = 32  # stories per forward/backward
 cliprange = 0.2
 beta = 0.02  # the k1 KL penalty in the reward (0: none)
-learning_rate = 3e-4
-min_lr = 3e-5
+learning_rate = 1e-4
+min_lr = 1e-5
 warmup_iters = 2
 grad_clip = 1.0
 save_interval = 0  # also keep ckpt_<iter>.pt every this many iterations (0: only the last)
@@ -65,29 +64,26 @@ def main():
             fail(f"--{name} must be >= 1, got {globals()[name]}")
     if beta < 0:
         fail(f"--beta must be >= 0, got {beta}")
-    torch.manual_seed(seed)
+    if reward != "gold" and not os.path.isfile(reward):
+        fail(f"--reward must be gold or the path of a reward model (reward_model.py's rm.pt), got {reward!r}")
+    dev, enc, the_task, model, decode_fn = open_stage(task, policy, tokenizer, data_dir, device, compile, seed,
+                                                      reference)
     try:
-        dev = pick_device(device)
-        enc = load_tokenizer(tokenizer, 512)
-        kinds = load_checkpoint(sft).get("kinds")
-        data = InstructData(enc, data_dir or None, kinds or KINDS, seed=seed)
-        policy = load_policy(sft, dev)
-        reference = load_policy(sft, dev).requires_grad_(False)
-        rm = None if reward == "gold" else load_policy(reward, dev, value_head=True).requires_grad_(False)
+        ref_model = load_policy(policy, dev).requires_grad_(False)
+        rm = None if reward == "gold" else load_reward_model(reward, dev)
     except (FileNotFoundError, ValueError, KeyError) as e:
-        fail(f"{e} (--reward is gold or the path of a reward model)" if "reward" in str(e) else e)
-    decode_fn = compile_decode(policy) if compile is True or (compile == "auto" and dev == "cpu") else None
-    optimizer = policy.configure_optimizers(0.0, learning_rate, (0.9, 0.95), dev.split(":")[0])
+        fail(e)
+    optimizer = model.configure_optimizers(0.0, learning_rate, (0.9, 0.95), dev.split(":")[0])
     os.makedirs(out_dir, exist_ok=True)
     metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
-    prompts_stream = PromptStream(data)  # prompts neither SFT nor the reward model's pool used
+    prompts_stream = PromptStream(the_task)  # prompts neither SFT nor the reward model's pool used
     print(f"{advantage} on reward {reward}: {max_iters} iterations of {prompts_per_iter} prompts x {group_size} "
           f"stories, beta {beta}")
     t_start = time.time()
     for it in range(1, max_iters + 1):
         t0 = time.time()
         batch_ex = prompts_stream.next(prompts_per_iter)
-        samples = sample_stories(policy, batch_ex, enc, group_size, temperature=1.0, seed=seed + it, decode_fn=decode_fn)
+        samples = sample_stories(model, batch_ex, the_task, group_size, seed=seed + it, decode_fn=decode_fn)
         rollout_s = time.time() - t0
         prompts, responses = [s.example.prompt for s in samples], [s.response for s in samples]
         golds = [s.gold for s in samples]
@@ -96,29 +92,29 @@ def main():
             old, kl = [], []
             for i in range(0, len(samples), mini_batch_size):
                 inputs, targets, _ = make_batch(prompts[i:i + mini_batch_size], responses[i:i + mini_batch_size], dev)
-                lp, lp_sum = response_logprobs(policy, inputs, targets)
+                lp, _ = response_logprobs(model, inputs, targets)
                 old.append(lp)
-                kl += (lp_sum - response_logprobs(reference, inputs, targets)[1]).tolist()
+                kl += kl_estimate(lp, response_logprobs(ref_model, inputs, targets)[0], "k1").sum(1).tolist()
         rewards = [s - beta * k for s, k in zip(scores, kl)]
         adv = group_advantages(rewards, group_size, advantage).to(dev)
         lr = cosine_lr(it - 1, learning_rate, min_lr, warmup_iters, max_iters)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        policy.train()
+        model.train()
         losses = []
         for _ in range(ppo_epochs):  # minibatches in sampling order: old log-probs line up with them
             for k, i in enumerate(range(0, len(samples), mini_batch_size)):
                 inputs, targets, _ = make_batch(prompts[i:i + mini_batch_size], responses[i:i + mini_batch_size], dev)
-                lp, _ = response_logprobs(policy, inputs, targets)
+                lp, _ = response_logprobs(model, inputs, targets)
                 mask = (targets != -1).float()
-                loss = clipped_token_loss(lp, old[k][:, : lp.size(1)], adv[i:i + mini_batch_size], mask, cliprange)
+                loss = clipped_policy_loss(lp, old[k][:, : lp.size(1)], adv[i:i + mini_batch_size], mask, cliprange)[0]
                 loss.backward()
                 if grad_clip:
-                    torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
-        policy.eval()
+        model.eval()
         n = len(samples)
         row = {"iter": it, "reward": sum(scores) / n, "gold": sum(golds) / n, "kl_sft": sum(kl) / n,
                "length": sum(s.n_tokens for s in samples) / n, "ended": sum(s.ended for s in samples) / n,
@@ -130,9 +126,9 @@ def main():
               f"{row['length']:.0f} | rep3 {row['rep3']:.3f} | {row['time_s']:.1f}s (rollout {rollout_s:.1f}s) | "
               f"eta {eta / 60:.1f} min")
         if save_interval and it % save_interval == 0 and it < max_iters:
-            save_policy(policy, os.path.join(out_dir, f"ckpt_{it}.pt"), kinds=kinds, config=config, iter_num=it)
+            save_policy(model, os.path.join(out_dir, f"ckpt_{it}.pt"), task=task, config=config, iter_num=it)
     path = os.path.join(out_dir, "ckpt.pt")
-    save_policy(policy, path, kinds=kinds, config=config, iter_num=max_iters)
+    save_policy(model, path, task=task, config=config, iter_num=max_iters)
     print(f"saved {path} ({time.time() - t_start:.0f} s)")
 
 

@@ -17,7 +17,6 @@ The data folder is $DATA_CACHE_DIR/TinyStories_all_data (default data/; `python 
 """
 import glob
 import json
-import math
 import os
 import random
 import re
@@ -25,6 +24,8 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
+
+from tasks import Example
 
 from utils import DATA_CACHE_DIR
 
@@ -240,14 +241,6 @@ def load_stories(files, enc, max_tokens=MAX_STORY_TOKENS):
     return out
 
 
-@dataclass
-class Example:
-    constraints: Dict
-    prompt: List[int]  # BOS + prompt tokens
-    story: str  # the story the constraints came from (the SFT target)
-    story_ids: List[int]
-
-
 class InstructData:
     """Training and held-out examples. Training constraints are redrawn on every call of train_examples(epoch)
     (each story is seen with different prompts); the held-out ones are fixed by the seed."""
@@ -265,7 +258,7 @@ class InstructData:
             c = relabel(s, len(ids), self.word_stats, rng, self.kinds)
             prompt = encode_prompt(self.enc, c) if c else None
             if prompt and len(prompt) + len(ids) + 1 <= CONTEXT:
-                out.append(Example(c, prompt, s, ids))
+                out.append(Example(prompt, prompt_text(c), ids, {"constraints": c, "story": s}))
         return out
 
     def train_examples(self, epoch=0):
@@ -276,34 +269,32 @@ class InstructData:
         return ex[:n] if n else ex
 
 
-def bootstrap_ci(values, n_boot=2000, seed=0, alpha=0.05):
-    """Mean and percentile-bootstrap (1 - alpha) interval."""
-    rng = random.Random(seed)
-    n = len(values)
-    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
-    return sum(values) / n, means[int(alpha / 2 * n_boot)], means[int((1 - alpha / 2) * n_boot) - 1]
+class InstructTask:
+    """The instruction task behind the chain's task interface (tasks.py): gold's components are the prompt's
+    constraints (each prompt carries a subset)."""
+    name = "instruct"
+    components = KINDS
+    max_gen_len = MAX_STORY_TOKENS + 1  # the longest story of the task and its end token
 
+    def __init__(self, enc, data_dir=None, seed=0, kinds=KINDS):
+        self.enc = enc
+        self.data = InstructData(enc, data_dir, kinds, seed)
 
-def spearman(x, y):
-    """Spearman rank correlation (average ranks for ties)."""
-    def ranks(v):
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        i = 0
-        while i < len(v):
-            j = i
-            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2
-            i = j + 1
-        return r
-    rx, ry = ranks(x), ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    sx = math.sqrt(sum((a - mx) ** 2 for a in rx))
-    sy = math.sqrt(sum((b - my) ** 2 for b in ry))
-    return cov / (sx * sy) if sx and sy else 0.0
+    def train_examples(self, epoch=0):
+        return self.data.train_examples(epoch)
+
+    def heldout_examples(self, n=None):
+        return self.data.heldout_examples(n)
+
+    def story_text(self, example, story_ids):
+        return self.enc.decode(list(story_ids)).strip()
+
+    def score(self, examples, responses):
+        out = []
+        for e, r in zip(examples, responses):
+            ids = r[:-1] if r[-1:] == [self.enc.bos_id] else r
+            out.append(constraint_scores(self.story_text(e, ids), e.info["constraints"], len(ids)))
+        return out
 
 
 # -----------------------------------------------------------------------------
@@ -317,10 +308,11 @@ def check(data: InstructData):
     rng.shuffle(others)
     rows = {}
     for kind in KINDS:
-        own = [constraint_scores(e.story, {kind: e.constraints[kind]}, len(e.story_ids))[kind]
-               for e in ex if kind in e.constraints]
-        pairs = [(e, o) for e, o in zip(ex, others) if kind in o.constraints]
-        base = [constraint_scores(e.story, {kind: o.constraints[kind]}, len(e.story_ids))[kind] for e, o in pairs]
+        own = [constraint_scores(e.info["story"], {kind: e.info["constraints"][kind]}, len(e.target))[kind]
+               for e in ex if kind in e.info["constraints"]]
+        pairs = [(e, o) for e, o in zip(ex, others) if kind in o.info["constraints"]]
+        base = [constraint_scores(e.info["story"], {kind: o.info["constraints"][kind]}, len(e.target))[kind]
+                for e, o in pairs]
         rows[kind] = {"n": len(own), "pass_rate": sum(s == 1.0 for s in own) / max(1, len(own)),
                       "own_mean": sum(own) / max(1, len(own)), "base_rate": sum(base) / max(1, len(base))}
     return rows
@@ -344,7 +336,7 @@ if __name__ == "__main__":
         raise SystemExit(1)
     if args.command == "show":
         for e in data.heldout_examples(args.n):
-            print(prompt_text(e.constraints), e.story[:200] + "...", "", sep="\n")
+            print(e.text, e.info["story"][:200] + "...", "", sep="\n")
     else:
         print(f"{len(data.train_stories)} training stories, {len(data.heldout_stories)} held-out (shard 0), "
               f"{sum(c >= 1 for c in data.word_stats.df.values()):,} distinct words")

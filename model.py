@@ -478,14 +478,18 @@ class Transformer(nn.Module):
 
 
 class TransformerWithValueHead(Transformer):
-    """The PPO policy: the language model plus a scalar value per position (out.values)."""
+    """The PPO policy: the language model plus a scalar value per position (out.values).
+    detach_value: the value head reads the trunk's features without its loss flowing back into them, so fitting
+    the value never moves the policy (the RLHF chain's PPO; the seed's shares the trunk, as TRL does)."""
 
-    def __init__(self, params: ModelArgs):
+    def __init__(self, params: ModelArgs, detach_value: bool = False):
         super().__init__(params)
+        self.detach_value = detach_value
         self.value_head = nn.Linear(params.dim, 1)
         nn.init.normal_(self.value_head.weight, std=0.02)
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, tokens, targets=None, input_pos=None) -> ModelOutput:
         h = self.hidden_states(tokens, input_pos)
-        return self.head(h, targets)._replace(values=self.value_head(h).squeeze(-1))
+        values = self.value_head(h.detach() if self.detach_value else h).squeeze(-1)
+        return self.head(h, targets)._replace(values=values)

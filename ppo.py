@@ -35,7 +35,7 @@ class PPOConfig:
     seed: int = 0
     adap_kl_ctrl: bool = True  # adaptive KL coefficient (Ziegler et al.) or a fixed one
     init_kl_coef: float = 0.2
-    kl_penalty: str = "kl"  # in the reward: kl: log p - log q; abs: |kl|; mse: 0.5 kl^2; full: KL of the distributions
+    kl_penalty: str = "kl"  # in the reward: kl (k1): log p - log q; abs: |kl|; mse (k2): 0.5 kl^2; k3; full: exact KL
     # where the KL to the reference acts: "reward" (TRL: -kl_coef * kl on every response token, summed into the
     # returns) or "loss" (kl_coef * the k3 estimate per response token added to the loss, as GRPO does; the
     # reward is then the score alone, so the KL never pays a story for being short)
@@ -60,8 +60,8 @@ class PPOConfig:
     backward_batch_size: Optional[int] = None  # derived: mini_batch_size * gradient_accumulation_steps
 
     def __post_init__(self):
-        if self.kl_penalty not in ("kl", "abs", "mse", "full"):
-            raise ValueError(f"kl_penalty must be kl, abs, mse or full, got {self.kl_penalty!r}")
+        if self.kl_penalty not in KL_ESTIMATORS:
+            raise ValueError(f"kl_penalty must be one of {', '.join(KL_ESTIMATORS)}, got {self.kl_penalty!r}")
         if self.kl_mode not in ("reward", "loss"):
             raise ValueError(f"kl_mode must be reward or loss, got {self.kl_mode!r}")
         for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs"):
@@ -206,6 +206,45 @@ def flatten_dict(d, prefix=""):
 
 
 # -----------------------------------------------------------------------------
+# the policy-gradient core, shared by PPOTrainer and grpo.py
+
+KL_ESTIMATORS = ("kl", "k1", "abs", "mse", "k2", "k3", "full")
+
+
+def kl_estimate(logprob, ref_logprob, kind="k1"):
+    """Per-token estimates of KL(pi || pi_ref) from the log-probs of the sampled tokens (Schulman 2020):
+    k1 (TRL's "kl") log pi - log pi_ref, unbiased; abs |k1|; k2 (TRL's "mse") k1^2 / 2; k3 exp(-k1) + k1 - 1,
+    unbiased and >= 0. full: the exact KL of the whole next-token distributions (then logprob and
+    ref_logprob are log-softmaxed logits, (..., V))."""
+    if kind == "full":
+        return F.kl_div(ref_logprob, logprob, log_target=True, reduction="none").sum(-1)
+    k1 = logprob - ref_logprob
+    if kind in ("kl", "k1"):
+        return k1
+    if kind == "abs":
+        return k1.abs()
+    if kind in ("mse", "k2"):
+        return 0.5 * k1.square()
+    if kind == "k3":
+        return torch.exp(-k1) + k1 - 1
+    raise ValueError(f"KL estimator must be one of {', '.join(KL_ESTIMATORS)}, got {kind!r}")
+
+
+def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
+    """PPO's clipped surrogate -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A), averaged over the mask's tokens
+    (0, not NaN, for an empty mask). advantages: per token (B, T) or per sequence (B,).
+    Returns (loss, clip fraction, ratio)."""
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    ratio = torch.exp(logprobs - old_logprobs)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
+    clipfrac = masked_mean(torch.gt(pg_losses2, pg_losses).float(), mask)
+    return loss, clipfrac, ratio
+
+
+# -----------------------------------------------------------------------------
 
 class PPOTrainer:
     def __init__(self, config: PPOConfig, model, ref_model, optimizer, scaler=None, is_ddp=False,
@@ -277,15 +316,7 @@ class PPOTrainer:
                 torch.cat(all_values) if all_values else None, torch.cat(all_masks))
 
     def _kl_penalty(self, logprob, ref_logprob):
-        kind = self.config.kl_penalty
-        if kind == "kl":
-            return logprob - ref_logprob
-        if kind == "abs":
-            return (logprob - ref_logprob).abs()
-        if kind == "mse":
-            return 0.5 * (logprob - ref_logprob).square()
-        # full: KL(pi || pi_ref) of the whole next-token distributions (logprob are log-softmaxed logits)
-        return F.kl_div(ref_logprob, logprob, log_target=True, reduction="none").sum(-1)
+        return kl_estimate(logprob, ref_logprob, self.config.kl_penalty)
 
     def compute_rewards(self, scores, logprobs, ref_logprobs, masks):
         """Per-token reward -kl_coef * kl on response tokens, plus the score on the last one.
@@ -329,19 +360,14 @@ class PPOTrainer:
         vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
         vf_clipfrac = masked_mean(torch.gt(vf_losses2, vf_losses1).float(), mask)
 
-        ratio = torch.exp(logprobs - old_logprobs)
-        pg_losses = -advantages * ratio
-        pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cfg.cliprange, 1.0 + cfg.cliprange)
-        pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
-        pg_clipfrac = masked_mean(torch.gt(pg_losses2, pg_losses).float(), mask)
+        pg_loss, pg_clipfrac, ratio = clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cfg.cliprange)
 
         loss = pg_loss + cfg.vf_coef * vf_loss
         kl_loss = torch.zeros((), device=loss.device)
         if cfg.kl_mode == "loss":
-            # k3 = exp(r) - r - 1 with r = log pi_ref - log pi: >= 0, and its gradient pulls each token's
-            # distribution towards the reference's without crediting a shorter story with less KL
-            log_ratio = ref_logprobs - logprobs
-            kl_loss = masked_mean(torch.exp(log_ratio) - log_ratio - 1, mask)
+            # k3 >= 0 pulls each token's distribution towards the reference's without crediting a shorter
+            # story with less KL
+            kl_loss = masked_mean(kl_estimate(logprobs, ref_logprobs, "k3"), mask)
             loss = loss + self.kl_ctl.value * kl_loss
         avg_ratio = masked_mean(ratio, mask).item()
         skipped = avg_ratio > cfg.ratio_threshold

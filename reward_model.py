@@ -1,17 +1,18 @@
 """
 The reward model, the second step of RLHF: a scorer of (prompt, story) trained on preference pairs with the
-pairwise loss -logsigmoid(r_chosen - r_rejected).mean() (the seed's section 3), the pairs labelled by the
-gold judge of instruct.py.
+seed's pairwise loss -logsigmoid(r_chosen - r_rejected).mean() (rlhf.pairwise_loss), the pairs labelled by the
+task's gold judge (tasks.py).
 
-    python reward_model.py --sft=out/rlhf/sft/ckpt.pt --out_dir=out/rlhf/rm     # CPU: ~5 minutes
+    python reward_model.py --policy=out/rlhf/sft/ckpt.pt --out_dir=out/rlhf/rm     # CPU: ~4 minutes
 
 1. samples_per_prompt stories for n_train_prompts training prompts and n_heldout_prompts held-out prompts
    (shard 0) from the SFT policy at temperature 1 -> out_dir/pool_train.jsonl, pool_heldout.jsonl
    (dpo.py trains on the same training pairs);
 2. every pair of stories of a prompt whose gold differs is a preference pair (ties dropped);
 3. a TransformerWithValueHead initialised from the SFT weights, its score the value at the last real token;
-4. held-out pairwise accuracy (all pairs, clear-margin pairs) against trivial predictors (longer wins,
-   shorter wins, a length-only regressor), and the rank correlation with gold -> out_dir/rm.json, rm.pt.
+4. held-out pairwise accuracy (all pairs, clear-margin pairs, and per gold component: on the pairs that component
+   orders, does the score order them the same way) against trivial predictors (longer wins, shorter wins, ended
+   wins, a length-only regressor), and the rank correlation with gold -> out_dir/rm.json, rm.pt.
 One GPU: the same command. Progress: a tqdm bar while sampling, log lines while training.
 """
 import json
@@ -20,27 +21,28 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import configurator
-from generate import compile_decode
-from instruct import KINDS, InstructData, spearman
-from rlhf import (length_only_predictor, load_policy, pad_right, pair_accuracy, preference_pairs, read_jsonl,
-                  reward_scores, rm_sequence, sample_record, sample_stories, save_policy, shuffled_batches, write_jsonl)
-from utils import MetricsLog, atomic_write, cosine_lr, fail, load_checkpoint, load_tokenizer, pick_device
+from rlhf import (length_only_predictor, load_policy, open_stage, pairwise_loss, preference_pairs, read_jsonl,
+                  reward_scores, rm_forward, rm_sequence, sample_record, sample_stories, save_policy,
+                  shuffled_batches, write_jsonl)
+from stats import pair_accuracy, spearman
+from utils import MetricsLog, atomic_write, cosine_lr, fail
 
 # -----------------------------------------------------------------------------
-sft = "out/rlhf/sft/ckpt.pt"  # the SFT policy: samples the pool and initialises the scorer
+task = "story"  # story or instruct (tasks.py)
+policy = "out/rlhf/sft/ckpt.pt"  # the SFT policy: samples the pool and initialises the scorer
 tokenizer = "stories260K/tok512.model"
+reference = "stories260K/stories260K.pt"  # story task: the frozen model of gold's fluency component
 data_dir = ""
 out_dir = "out/rlhf/rm"
-n_train_prompts = 384
-n_heldout_prompts = 128
+n_train_prompts = 256
+n_heldout_prompts = 96
 samples_per_prompt = 4
 temperature = 1.0
 batch_size = 16  # pairs per step
-epochs = 1
+epochs = 2
 learning_rate = 5e-4
 min_lr = 5e-5
 warmup_iters = 10
@@ -50,25 +52,37 @@ clear_margin = 0.25  # "clear" pairs: gold differs by at least this much
 layout = "prompt_first"  # the scorer's input: prompt_first (as the policy reads it) or story_first (rlhf.rm_sequence)
 reuse_pool = True  # keep an existing pool (same settings) instead of sampling it again
 device = "auto"
-compile = "auto"  # compile the sampling decode step (pays for itself at these batch sizes)
+compile = "auto"  # compile the sampling decode step
 seed = 1337
 # -----------------------------------------------------------------------------
 configurator.apply_or_exit(globals(), sys.argv[1:])
 config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
 
 
-def sample_pool(policy, examples, enc, path, seed_, decode_fn):
+def sample_pool(model, examples, the_task, path, seed_, decode_fn):
     if reuse_pool and os.path.isfile(path):
         rows = read_jsonl(path)
         if len(rows) == len(examples) * samples_per_prompt:
             print(f"reusing {path} ({len(rows)} stories)")
             return rows
     with tqdm(total=len(examples) * samples_per_prompt, desc=f"sampling {os.path.basename(path)}", unit="story") as bar:
-        samples = sample_stories(policy, examples, enc, samples_per_prompt, temperature, seed=seed_,
+        samples = sample_stories(model, examples, the_task, samples_per_prompt, temperature, seed=seed_,
                                  decode_fn=decode_fn, progress=bar)
     rows = [sample_record(s, group=i // samples_per_prompt) for i, s in enumerate(samples)]
     write_jsonl(path, rows)
     return rows
+
+
+def component_accuracy(records, score, components):
+    """Per component: on the pairs of one prompt's stories that the component orders, the fraction the score
+    orders the same way (which preferences the scorer learnt), and how many such pairs there are."""
+    out = {}
+    for c in components:
+        rows = [dict(r, gold=r["components"].get(c, float("nan"))) for r in records]
+        pairs = [(a, b) for a, b in preference_pairs(rows, min_margin=1e-6) if rows[a]["gold"] == rows[a]["gold"]]
+        if pairs:
+            out[c] = {"pairs": len(pairs), "accuracy": pair_accuracy(pairs, score)}
+    return out
 
 
 def main():
@@ -79,33 +93,27 @@ def main():
         fail(f"--layout must be prompt_first or story_first, got {layout!r}")
     if samples_per_prompt < 2:
         fail(f"--samples_per_prompt must be >= 2 to make pairs, got {samples_per_prompt}")
-    torch.manual_seed(seed)
-    try:
-        dev = pick_device(device)
-        enc = load_tokenizer(tokenizer, 512)
-        kinds = load_checkpoint(sft).get("kinds", list(KINDS))
-        data = InstructData(enc, data_dir or None, kinds, seed=seed)
-        policy = load_policy(sft, dev)
-    except (FileNotFoundError, ValueError) as e:
-        fail(e)
+    dev, enc, the_task, model, decode_fn = open_stage(task, policy, tokenizer, data_dir, device, compile, seed,
+                                                      reference)
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.time()
 
     # 1. the pools
-    decode_fn = compile_decode(policy) if compile is True or (compile == "auto" and dev == "cpu") else None
-    train_ex = data.train_examples(epoch=10_000)[:n_train_prompts]  # prompts SFT did not see in its epochs
-    train = sample_pool(policy, train_ex, enc, os.path.join(out_dir, "pool_train.jsonl"), seed, decode_fn)
-    heldout = sample_pool(policy, data.heldout_examples(n_heldout_prompts), enc,
+    train_ex = the_task.train_examples(epoch=10_000)[:n_train_prompts]  # prompts SFT did not see in its epochs
+    train = sample_pool(model, train_ex, the_task, os.path.join(out_dir, "pool_train.jsonl"), seed, decode_fn)
+    heldout = sample_pool(model, the_task.heldout_examples(n_heldout_prompts), the_task,
                           os.path.join(out_dir, "pool_heldout.jsonl"), seed + 1, decode_fn)
-    del policy, decode_fn
+    del model, decode_fn
 
     # 2. pairs
     train_pairs, heldout_pairs = preference_pairs(train), preference_pairs(heldout)
     print(f"{len(train_pairs)} training pairs from {len(train)} stories, {len(heldout_pairs)} held-out pairs "
           f"({time.time() - t_start:.0f} s)")
+    if len(train_pairs) < batch_size:
+        fail(f"only {len(train_pairs)} training pairs, fewer than --batch_size={batch_size}: sample more prompts")
 
     # 3. the scorer
-    rm = load_policy(sft, dev, value_head=True)
+    rm = load_policy(policy, dev, value_head=True)
     rm.layout = layout
     optimizer = rm.configure_optimizers(weight_decay, learning_rate, (0.9, 0.95), dev.split(":")[0])
     metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
@@ -116,24 +124,22 @@ def main():
         lr = cosine_lr(it, learning_rate, min_lr, warmup_iters, steps)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        seqs = [rm_sequence(train[j]["prompt_ids"], train[j]["response"], layout)
-                for j in [c for c, _ in batch] + [r for _, r in batch]]
-        tokens, last = pad_right(seqs, dev)
-        scores = rm(tokens).values[torch.arange(len(seqs), device=dev), last]
+        scores = rm_forward(rm, [rm_sequence(train[j]["prompt_ids"], train[j]["response"], layout)
+                                 for j in [c for c, _ in batch] + [r for _, r in batch]])
         chosen, rejected = scores[: len(batch)], scores[len(batch):]
-        loss = -F.logsigmoid(chosen - rejected).mean()  # the seed's pairwise loss
+        loss = pairwise_loss(chosen, rejected).mean()
         loss.backward()
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(rm.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         acc = (chosen > rejected).float().mean().item()
-        if it % 10 == 0:
+        if it % 20 == 0:
             eta = (time.time() - t0) / (it + 1) * (steps - it - 1)
             print(f"{it}/{steps} | loss {loss.item():.4f} | batch acc {acc:.2f} | lr {lr:.2e} | eta {eta / 60:.1f} min")
             metrics.write(iter=it, loss=loss.item(), batch_acc=acc, lr=lr)
     rm.eval()
-    save_policy(rm, os.path.join(out_dir, "rm.pt"), kind="reward_model", layout=layout, kinds=kinds, config=config)
+    save_policy(rm, os.path.join(out_dir, "rm.pt"), kind="reward_model", layout=layout, task=task, config=config)
 
     # 4. held-out evaluation
     score = reward_scores(rm, [r["prompt_ids"] for r in heldout], [r["response"] for r in heldout])
@@ -143,13 +149,16 @@ def main():
     trivial = {
         "longer_wins": [r["n_tokens"] for r in heldout],
         "shorter_wins": [-r["n_tokens"] for r in heldout],
+        "ended_wins": [float(r["ended"]) for r in heldout],
         "length_only": [length_fn(r["n_tokens"]) for r in heldout],
     }
     report = {
-        "train_pairs": len(train_pairs), "heldout_pairs": len(heldout_pairs), "heldout_clear_pairs": len(clear),
+        "task": task, "train_pairs": len(train_pairs), "heldout_pairs": len(heldout_pairs),
+        "heldout_clear_pairs": len(clear),
         "accuracy": pair_accuracy(heldout_pairs, score), "accuracy_clear": pair_accuracy(clear, score),
         "train_accuracy": pair_accuracy(train_pairs, reward_scores(rm, [r["prompt_ids"] for r in train],
                                                                    [r["response"] for r in train])),
+        "per_component": component_accuracy(heldout, score, the_task.components),
         "trivial": {k: {"accuracy": pair_accuracy(heldout_pairs, v), "accuracy_clear": pair_accuracy(clear, v)}
                     for k, v in trivial.items()},
         "spearman_gold": spearman(score, golds), "seconds": time.time() - t_start, "config": config,
@@ -157,9 +166,11 @@ def main():
     report["best_trivial"] = max(v["accuracy"] for v in report["trivial"].values())
     with atomic_write(os.path.join(out_dir, "rm.json"), "w") as f:
         json.dump(report, f, indent=1)
+    per = ", ".join(f"{c} {v['accuracy']:.3f} ({v['pairs']})" for c, v in report["per_component"].items())
     print(f"held-out accuracy {report['accuracy']:.3f} on {len(heldout_pairs)} pairs, {report['accuracy_clear']:.3f} "
           f"on {len(clear)} clear pairs (gold margin >= {clear_margin}); best trivial predictor {report['best_trivial']:.3f}; "
-          f"Spearman with gold {report['spearman_gold']:.3f}; train accuracy {report['train_accuracy']:.3f}")
+          f"Spearman with gold {report['spearman_gold']:.3f}; train accuracy {report['train_accuracy']:.3f}; "
+          f"per component: {per}")
     print(f"saved {os.path.join(out_dir, 'rm.pt')} and rm.json ({report['seconds']:.0f} s)")
 
 

@@ -14,8 +14,7 @@ Many GPUs:      torchrun --standalone --nproc_per_node=4 train.py   (DDP; gloo o
 PPO (RLHF), from out_dir/ckpt.pt (e.g. stories260K.pt copied there):
     python train.py config/ppo_length_cpu.py     # the length experiment on a CPU in < 10 minutes
     python train.py --out_dir=stories260K --init_from=resume --ppo=True --batch_size=50 ... (the seed's; see README)
-PPO on the instruction task from an SFT model (sft.py), with the gold judge or a learned reward (reward_model.py):
-    python train.py config/ppo_rm_cpu.py --out_dir=out/rlhf/ppo_rm --reward=out/rlhf/rm/rm.pt
+The RLHF chain's PPO (a learned reward on the story or instruction task) is ppo_rlhf.py.
 """
 import math
 import os
@@ -99,9 +98,6 @@ cliprange = 0.2
 cliprange_value = 0.2
 gamma = 1.0
 lam = 0.95
-reward = "length"  # length (the seed's), gold (instruct.py's judge) or the path of a reward model (reward_model.py)
-kinds = ""  # gold or learned reward: the prompts' constraints (default: those the checkpoint was fine-tuned on)
-instruct_dir = ""  # gold or learned reward: the TinyStories JSON shards (default $DATA_CACHE_DIR/TinyStories_all_data)
 ptx_coef = 0.0  # PPO-ptx: + ptx_coef x the language-model loss of a pre-training batch in every PPO minibatch
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
@@ -162,8 +158,6 @@ if ppo:  # every PPO setting is checked here, before anything is loaded
             max_grad_norm=grad_clip or None, early_stopping=True, target_kl=early_stop_kl, ptx_coef=ptx_coef)
     except ValueError as e:
         fail(f"invalid PPO setting: {e}")
-    if reward not in ("length", "gold") and not os.path.isfile(reward):
-        fail(f"--reward must be length, gold or the path of a reward model (reward_model.py's rm.pt), got {reward!r}")
 
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
@@ -296,7 +290,6 @@ optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta
 if checkpoint is not None and "optimizer" in checkpoint and (not ppo or resumed_ppo):
     optimizer.load_state_dict(checkpoint["optimizer"])
 ppo_state = checkpoint.get("ppo_state") if checkpoint is not None and resumed_ppo else None
-checkpoint_kinds = checkpoint.get("kinds") if checkpoint is not None else None  # an SFT model's constraints
 checkpoint = None  # free up memory
 
 raw_model = model  # the plain module: checkpoints, generation, MFU
@@ -336,18 +329,6 @@ if ppo:
         query_length.load_state_dict(ppo_state["query_length"])
         ppo_start_iter = ppo_state.get("start_iter", ppo_start_iter)
     reward_fn = LengthReward(target_len)
-    instruct = None
-    if reward != "length":  # the instruction task: prompts from instruct.py, scored by gold or a reward model
-        from instruct import KINDS, InstructData, gold
-        from rlhf import PromptStream, load_policy, reward_scores
-        try:
-            instruct = PromptStream(InstructData(enc, instruct_dir or None, kinds.split(",") if kinds else
-                                                 checkpoint_kinds or KINDS, seed=seed + seed_offset))
-            rm = None if reward == "gold" else load_policy(reward, device, value_head=True).requires_grad_(False)
-        except (FileNotFoundError, ValueError, KeyError) as e:
-            fail(e)
-        if ppo_state is not None and "prompts" in ppo_state:
-            instruct.load_state_dict(ppo_state["prompts"])
     # the rollouts' decode step pays for its compile within one iteration, on CPU too
     decode_fn = compile_decode(raw_model) if use_compile or compile == "auto" else None
 
@@ -428,20 +409,6 @@ class GracefulStop:
         print(f"stopped by {self.signal or 'another rank'} after iteration {iter_num - 1}; continue with the same "
               f"command and --init_from=resume")
 
-
-def instruct_batch(n):
-    """n instruction prompts and the function that scores their rollouts: gold, or the reward model (whose
-    score is reported beside the gold it stands in for)."""
-    examples = instruct.next(n)
-
-    def score_fn(responses, ended):
-        stories = [r[:len(r) - e] for r, e in zip(responses, ended)]
-        golds = [gold(enc.decode(s).strip(), ex.constraints, len(s)) for s, ex in zip(stories, examples)]
-        if rm is None:
-            return golds, {"gold_mean": sum(golds) / n}
-        scores = reward_scores(rm, [ex.prompt for ex in examples], responses)
-        return scores, {"gold_mean": sum(golds) / n, "rm_score_mean": sum(scores) / n}
-    return [ex.prompt for ex in examples], score_fn
 
 
 def sample_queries(n):
@@ -534,8 +501,6 @@ def ppo_loop(iter_num, best_reward):
     def ppo_extra():
         state = {"kl_coef": ppo_trainer.kl_ctl.value, "query_length": query_length.state_dict(),
                  "start_iter": ppo_start_iter}
-        if instruct is not None:
-            state["prompts"] = instruct.state_dict()
         return {"best_reward": best_reward, "ppo_state": state}
 
     while True:
@@ -557,12 +522,8 @@ def ppo_loop(iter_num, best_reward):
         if eval_only or iter_num > max_iters:
             break
 
-        if instruct is None:
-            queries, score_fn = sample_queries(ppoconf.batch_size), None
-        else:
-            queries, score_fn = instruct_batch(ppoconf.batch_size)
-        stats = ppo_iteration(ppo_trainer, raw_model, queries, reward_fn, max_gen_len, stop_id=enc.bos_id,
-                              decode_fn=decode_fn, score_fn=score_fn)
+        stats = ppo_iteration(ppo_trainer, raw_model, sample_queries(ppoconf.batch_size), reward_fn, max_gen_len,
+                              stop_id=enc.bos_id, decode_fn=decode_fn)
         if not math.isfinite(stats["ppo/loss/total"]):
             fail(f"non-finite PPO loss at iteration {iter_num}; nothing was saved after it: the last good checkpoint "
                  f"is {ppo_ckpt_path if os.path.exists(ppo_ckpt_path) else ckpt_path}. Try a lower --learning_rate")
@@ -576,7 +537,7 @@ def ppo_loop(iter_num, best_reward):
                   f"{stats['ppo/kl_ref']:.3f} | entropy {stats['ppo/policy/entropy']:.3f} | kl_coef "
                   f"{stats['objective/kl_coef']:.4f} | ref_nll {stats['rollout/ref_nll']:.3f} | rep3 "
                   f"{stats['rep3_rate']:.3f} | ended {stats['ended_frac']:.2f} | "
-                  + (f"gold {stats['gold_mean']:.3f} | " if "gold_mean" in stats else "") + f"{dt:.1f}s "
+                  + f"{dt:.1f}s "
                   f"(rollout {stats['rollout_s']:.1f}s, "
                   f"{stats['rollout_tok_per_s']:,.0f} tok/s) | eta {eta / 60:.1f} min")
             metrics.write(iter=iter_num, kl_ref=stats["ppo/kl_ref"], kl_coef=stats["objective/kl_coef"],

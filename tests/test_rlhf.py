@@ -1,6 +1,7 @@
-"""The RLHF chain: the instruction task's verifiers and relabelling, the losses (pairwise reward model, DPO,
-GRPO advantages, best-of-n expectation) against hand-computed values, the reward read at the last real token,
-and a tiny seeded run of every stage."""
+"""The RLHF chain: the story task's gold components on hand-written stories, the instruction task's verifiers and
+relabelling, the task interface on both tasks, the losses (pairwise reward model, DPO, GRPO advantages, best-of-n
+expectation) against hand-computed values, the reward read at the last real token, and a tiny seeded run of every
+stage on the story task."""
 import itertools
 import json
 import math
@@ -9,17 +10,132 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import REPO, run, script, shared_path
-from instruct import (InstructData, WordStats, bootstrap_ci, constraint_scores, gold, has_dialogue, prompt_text,
-                      relabel, score_length, score_sentence, score_words, sentences_of, spearman, stem)
+from instruct import (InstructData, WordStats, constraint_scores, gold, has_dialogue, prompt_text, relabel,
+                      score_length, score_sentence, score_words, sentences_of, stem)
 from model import ModelArgs, TransformerWithValueHead
-from rlhf import (best_of_n_kl_bound, best_of_n_weights, clipped_token_loss, dpo_loss, group_advantages, make_batch,
-                  pad_right, response_logprobs, reward_scores, rm_sequence)
+from ppo import clipped_policy_loss
+from rlhf import (best_of_n_kl_bound, best_of_n_weights, dpo_loss, group_advantages, make_batch, pad_right,
+                  pairwise_loss, preference_pairs, response_logprobs, reward_scores, rm_sequence)
+from stats import bootstrap_ci, pair_accuracy, paired_diff_ci, spearman
 
 STORY = ('Once upon a time, Lily jumped over the puddles. She was happier than ever. "Look, Mom!" she said. '
          'The sun shone on the shiny trees and Lily hopped home.')
+
+
+# -----------------------------------------------------------------------------
+# the story task's gold components, on hand-written stories
+
+def test_utterance_needs_three_words_in_either_kind_of_quotes():
+    from story import has_utterance
+    assert has_utterance('Lily said, "I love my red ball." Then she ran.')
+    assert has_utterance("Tom shouted, \u201cLook at the big dog!\u201d")
+    assert not has_utterance('Mom said, "Yes." Tom said "No way".')  # one and two words
+    assert has_utterance('"Yes," said Mom. "We can\'t go now," said Dad.')  # the second has three words
+    assert not has_utterance("There are no quotes here at all, only a long sentence.")
+    assert not has_utterance('An open quote " that never closes and goes on and on')
+
+
+def test_happy_ending_reads_the_last_sentence_only():
+    from story import happy_ending
+    assert happy_ending("The dog ran away. Then it came back and they were happy.")
+    assert happy_ending('They hugged and went home. "I love you," said Mom.')  # "love" in the last sentence
+    assert not happy_ending("They were happy. Then the rain came and the dog was lost.")  # happy, but not at the end
+    assert not happy_ending("The ball was red.")
+    assert not happy_ending("")
+    assert happy_ending("In the end, they became best friends!")
+
+
+def test_keeps_character_and_names_in_the_prompt():
+    from story import keeps_character, prompt_names
+    names = {"Lily", "Tom", "Ben"}
+    assert prompt_names("Once upon a time, there was a girl named Lily", True, names) == ["Lily"]
+    assert prompt_names("Once upon a time, there was a girl named Lily", False, names) == []  # maybe cut: Lily|anna
+    assert prompt_names("Tom and Ben went to the park. The", False, names) == ["Ben", "Tom"]
+    assert prompt_names("", True, names) == []
+    assert keeps_character(["Lily"], " She played with Lily's ball. Lily smiled.")
+    assert keeps_character(["Tom", "Ben"], " Ben was sad.")
+    assert not keeps_character(["Lily"], " The girl played with a lily in the garden.")  # case matters for names
+    assert not keeps_character(["Lily"], " She played with Lilyanne.")  # whole words only
+
+
+def test_fluency_repetition_and_completeness_anchors():
+    from story import FLUENT_ANCHORS, MIN_STORY_TOKENS, REPETITION_ZERO, complete, fluency, not_repetitive
+    lo, hi = FLUENT_ANCHORS
+    assert fluency(lo) == 1.0 and fluency(lo - 0.5) == 1.0 and fluency(hi) == 0.0 and fluency(hi + 1) == 0.0
+    assert fluency((lo + hi) / 2) == pytest.approx(0.5)
+    assert not_repetitive(list(range(50))) == 1.0  # no 3-gram repeats
+    loop = [5, 6, 7] * 20  # 58 3-grams, 3 distinct: rate 55/58, far past the zero point
+    assert not_repetitive(loop) == 0.0
+    half = list(range(40)) + list(range(10))  # 48 3-grams, 8 repeated
+    assert not_repetitive(half) == pytest.approx(1 - (8 / 48) / REPETITION_ZERO)
+    assert complete(True, MIN_STORY_TOKENS) and not complete(True, MIN_STORY_TOKENS - 1)
+    assert not complete(False, 250)  # ran out of budget
+
+
+def test_story_task_scores_hand_written_stories(tmp_path):
+    """StoryTask.score on hand-made responses: the end token, the length band, quotes, the ending, the name, and
+    gold the mean of the components present (character left out for a prompt without a name)."""
+    from story import MIN_STORY_TOKENS, StoryTask
+    from tasks import Example, gold_of
+    from tokenizer import Tokenizer
+    enc = Tokenizer(os.path.join(REPO, "stories260K", "tok512.model"))
+    task = StoryTask.__new__(StoryTask)  # no data needed to score: set what score() reads
+    task.enc = enc
+    named = Example([enc.bos_id] + enc.encode("Once upon a time, there was a girl named Lily.", False, False),
+                    "Once upon a time, there was a girl named Lily.", [], {"names": ["Lily"]})
+    nameless = Example([enc.bos_id], "", [], {"names": []})
+    good = " " + " ".join(['Lily found a ball in the park. "Can I play with you?" asked a dog.'] * 8) \
+        + " Lily and the dog were happy."
+    ids = enc.encode(good, False, False)
+    assert len(ids) + len(named.prompt) - 1 >= MIN_STORY_TOKENS
+    cut = enc.encode(" Lily ran. The end was near and", False, False)
+    c_good, c_cut, c_plain = task.score([named, named, nameless], [ids + [enc.bos_id], cut, ids + [enc.bos_id]],
+                                        nll=[1.0, 2.2, 1.6])
+    assert c_good["complete"] == 1.0 and c_good["dialogue"] == 1.0 and c_good["happy_ending"] == 1.0
+    assert c_good["character"] == 1.0 and c_good["fluent"] == 1.0
+    assert c_good["not_repetitive"] == 0.0  # the same sentence eight times
+    assert c_cut["complete"] == 0.0 and c_cut["dialogue"] == 0.0 and c_cut["fluent"] == 0.0
+    assert "character" not in c_plain and set(c_plain) == {"complete", "dialogue", "happy_ending", "fluent",
+                                                          "not_repetitive"}
+    assert gold_of(c_plain) == pytest.approx(sum(c_plain.values()) / 5)
+    assert task.story_text(named, ids).startswith("Once upon a time, there was a girl named Lily. Lily found")
+
+
+def test_both_tasks_behind_one_interface():
+    """load_task gives either task: held-out prompts from shard 0 only, fixed; training prompts redrawn per epoch;
+    every prompt starts with BOS; score() gives per-component values in [0, 1] for each response."""
+    from tasks import load_task
+    from tokenizer import Tokenizer
+    data_dir = shared_path("tinystories", "TinyStories_all_data")
+    enc = Tokenizer(os.path.join(REPO, "stories260K", "tok512.model"))
+    for name in ("story", "instruct"):
+        task = load_task(name, enc, data_dir)
+        held, train = task.heldout_examples(40), task.train_examples(0)
+        assert len(held) == 40 and len(train) > 1000
+        assert [e.prompt for e in task.heldout_examples(40)] == [e.prompt for e in held]
+        assert [e.prompt for e in task.train_examples(1)] != [e.prompt for e in train]
+        assert all(e.prompt[0] == enc.bos_id for e in held + train[:50])
+        held_text = {enc.decode(e.target) for e in task.heldout_examples()}
+        assert not held_text & {enc.decode(e.target) for e in train}  # no held-out story is trained on
+        responses = [e.target[:task.max_gen_len - 1] + [enc.bos_id] for e in held[:8]]
+        if name == "story":
+            scores = task.score(held[:8], responses, nll=[1.3] * 8)
+            assert {e.text for e in held} != {""} and all(len(e.prompt) <= 30 for e in held)
+        else:
+            scores = task.score(held[:8], responses)
+            assert all(v == 1.0 for c in scores for v in c.values())  # a story meets its own constraints
+        assert all(set(c) <= set(task.components) and all(0.0 <= v <= 1.0 for v in c.values()) for c in scores)
+    with pytest.raises(ValueError, match="unknown task"):
+        load_task("poems", enc, data_dir)
+
+
+def test_preference_pairs_order_by_gold_and_drop_ties():
+    records = [{"group": 0, "gold": 0.5}, {"group": 0, "gold": 0.7}, {"group": 0, "gold": 0.5},
+               {"group": 1, "gold": 0.1}, {"group": 1, "gold": 0.0}]
+    assert sorted(preference_pairs(records)) == [(1, 0), (1, 2), (3, 4)]
+    assert preference_pairs(records, min_margin=0.15) == [(1, 0), (1, 2)]
 
 
 # -----------------------------------------------------------------------------
@@ -110,12 +226,12 @@ def test_instruct_data_on_the_excerpt_keeps_shard_0_apart():
     held = data.heldout_examples()
     train = data.train_examples(0)
     assert held and train
-    assert not {e.story for e in held} & {e.story for e in train}
-    assert [e.constraints for e in data.heldout_examples()] == [e.constraints for e in held]  # fixed by the seed
-    assert [e.constraints for e in data.train_examples(1)] != [e.constraints for e in train]  # redrawn per epoch
+    assert not {e.info["story"] for e in held} & {e.info["story"] for e in train}
+    assert [e.info for e in data.heldout_examples()] == [e.info for e in held]  # fixed by the seed
+    assert [e.info for e in data.train_examples(1)] != [e.info for e in train]  # redrawn per epoch
     for e in held[:50] + train[:50]:
-        assert len(e.prompt) + len(e.story_ids) + 1 <= 512
-        assert all(v == 1.0 for v in constraint_scores(e.story, e.constraints, len(e.story_ids)).values())
+        assert len(e.prompt) + len(e.target) + 1 <= 512 and e.text == prompt_text(e.info["constraints"])
+        assert all(v == 1.0 for v in constraint_scores(e.info["story"], e.info["constraints"], len(e.target)).values())
 
 
 # -----------------------------------------------------------------------------
@@ -127,11 +243,16 @@ def test_bootstrap_and_spearman():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2, 3], [1, 1, 2]) == pytest.approx(math.sqrt(3) / 2)  # average ranks for ties
+    m, lo, hi = paired_diff_ci([1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 2.0, 3.0])
+    assert (m, lo, hi) == (1.0, 1.0, 1.0)  # every paired difference is 1
+    with pytest.raises(ValueError, match="paired"):
+        paired_diff_ci([1.0], [1.0, 2.0])
+    assert pair_accuracy([(0, 1), (2, 1), (1, 2)], [3.0, 1.0, 1.0]) == pytest.approx((1 + 0.5 + 0.5) / 3)
 
 
 def test_pairwise_reward_loss_by_hand():
     chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
-    loss = -F.logsigmoid(chosen - rejected).mean()
+    loss = pairwise_loss(chosen, rejected).mean()
     by_hand = (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(1))) / 2
     assert loss.item() == pytest.approx(by_hand)
 
@@ -155,12 +276,14 @@ def test_group_advantages_by_hand():
     # the clipped loss: ratio 1 -> minus the mean advantage over all response tokens of the batch
     lp = torch.zeros(2, 3)
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-    loss = clipped_token_loss(lp, lp, torch.tensor([1.0, -2.0]), mask, 0.2)
+    loss = clipped_policy_loss(lp, lp, torch.tensor([1.0, -2.0]), mask, 0.2)[0]
     assert loss.item() == pytest.approx(-(1 + 1 - 2) / 3)
     # a ratio of 2 with a positive advantage is clipped to 1.2
-    loss = clipped_token_loss(torch.full((1, 1), math.log(2.0)), torch.zeros(1, 1), torch.tensor([1.0]),
-                              torch.ones(1, 1), 0.2)
-    assert loss.item() == pytest.approx(-1.2)
+    loss, clipfrac, _ = clipped_policy_loss(torch.full((1, 1), math.log(2.0)), torch.zeros(1, 1), torch.tensor([1.0]),
+                                            torch.ones(1, 1), 0.2)
+    assert loss.item() == pytest.approx(-1.2) and clipfrac.item() == 1.0
+    # an empty mask (every response empty) gives 0, not NaN
+    assert clipped_policy_loss(lp, lp, torch.tensor([1.0, 1.0]), torch.zeros(2, 3), 0.2)[0].item() == 0.0
 
 
 def test_best_of_n_weights_equal_the_enumeration():
@@ -232,50 +355,74 @@ def test_make_batch_masks_everything_but_the_response():
 def test_every_stage_runs_tiny_and_seeded(tmp_path):
     data_dir = shared_path("tinystories", "TinyStories_all_data")
     env = {"DATA_CACHE_DIR": str(tmp_path / "data")}
-    common = [f"--data_dir={data_dir}"]
+    common = [f"--data_dir={data_dir}", "--compile=False"]
     out = tmp_path / "rlhf"
-    run([script("sft.py"), *common, f"--out_dir={out / 'sft'}", "--max_iters=4", "--batch_size=4",
-         "--eval_interval=2"], env=env)
+    proc = run([script("sft.py"), f"--data_dir={data_dir}", f"--out_dir={out / 'sft'}", "--max_iters=4",
+                "--batch_size=4", "--eval_interval=2", "--top_fraction=0.01"], env=env)
+    assert "SFT on 24 of" in proc.stdout  # 1% of the ~2,450 training stories
     sft = str(out / "sft" / "ckpt.pt")
-    run([script("reward_model.py"), *common, f"--sft={sft}", f"--out_dir={out / 'rm'}", "--n_train_prompts=8",
-         "--n_heldout_prompts=4", "--samples_per_prompt=3", "--batch_size=2", "--compile=False"], env=env)
+    assert json.load(open(out / "sft" / "sft_data.json"))["kept_gold"] > json.load(open(out / "sft" / "sft_data.json"))["all_gold"]
+    run([script("reward_model.py"), *common, f"--policy={sft}", f"--out_dir={out / 'rm'}", "--n_train_prompts=8",
+         "--n_heldout_prompts=4", "--samples_per_prompt=3", "--batch_size=2", "--epochs=1"], env=env)
     rm = json.load(open(out / "rm" / "rm.json"))
     assert rm["train_pairs"] > 0 and 0.0 <= rm["accuracy"] <= 1.0 and set(rm["trivial"]) == {
-        "longer_wins", "shorter_wins", "length_only"}
-    run([script("dpo.py"), f"--sft={sft}", f"--pairs={out / 'rm' / 'pool_train.jsonl'}", f"--out_dir={out / 'dpo'}",
-         "--batch_size=2", "--epochs=1"], env=env)
+        "longer_wins", "shorter_wins", "ended_wins", "length_only"}
+    assert set(rm["per_component"]) <= {"complete", "dialogue", "happy_ending", "character", "fluent", "not_repetitive"}
+    pool = [json.loads(x) for x in open(out / "rm" / "pool_train.jsonl")]
+    assert len(pool) == 24 and all(r["gold"] == pytest.approx(sum(r["components"].values()) / len(r["components"]))
+                                   for r in pool)
+    run([script("dpo.py"), f"--policy={sft}", f"--pairs={out / 'rm' / 'pool_train.jsonl'}",
+         f"--out_dir={out / 'dpo'}", "--batch_size=2", "--epochs=1"], env=env)
     rmp = str(out / "rm" / "rm.pt")
-    run([script("grpo.py"), *common, f"--sft={sft}", f"--reward={rmp}", f"--out_dir={out / 'grpo'}",
-         "--prompts_per_iter=2", "--group_size=2", "--max_iters=2", "--mini_batch_size=2", "--save_interval=1",
-         "--compile=False"], env=env)
+    run([script("grpo.py"), *common, f"--policy={sft}", f"--reward={rmp}", f"--out_dir={out / 'grpo'}",
+         "--prompts_per_iter=2", "--group_size=2", "--max_iters=2", "--mini_batch_size=2", "--save_interval=1"], env=env)
     assert (out / "grpo" / "ckpt_1.pt").exists() and (out / "grpo" / "ckpt.pt").exists()
-    run([script("best_of_n.py"), *common, f"--sft={sft}", f"--reward_model={rmp}", f"--out_dir={out}",
-         "--n_prompts=2", "--pool_size=4", "--compile=False"], env=env)
+    run([script("ppo_rlhf.py"), *common, f"--policy={sft}", f"--reward={rmp}", f"--out_dir={out / 'ppo'}",
+         "--rollouts=4", "--mini_batch_size=2", "--max_iters=2"], env=env)
+    rows = [json.loads(x) for x in open(out / "ppo" / "metrics.jsonl")]
+    assert [r["iter"] for r in rows] == [1, 2] and all(0.0 <= r["gold_mean"] <= 1.0 for r in rows)
+    run([script("best_of_n.py"), *common, f"--policy={sft}", f"--reward={rmp}", f"--out_dir={out}",
+         "--n_prompts=2", "--pool_size=4"], env=env)
     bon = json.load(open(out / "bon.json"))
     assert [r["n"] for r in bon["rows"]] == [1, 2, 4]
-    for name, ckpt in (("sft", sft), ("dpo", out / "dpo" / "ckpt.pt"), ("grpo_rm@1", out / "grpo" / "ckpt_1.pt")):
-        run([script("evaluate.py"), *common, f"--checkpoint={ckpt}", f"--name={name}", f"--sft={sft}",
-             f"--reward_model={rmp}", f"--out_dir={out}", "--n_prompts=3", "--compile=False"], env=env)
+    for name, ckpt in (("sft", sft), ("dpo", out / "dpo" / "ckpt.pt"), ("grpo_rm@1", out / "grpo" / "ckpt_1.pt"),
+                       ("ppo_rm", out / "ppo" / "ckpt.pt")):
+        run([script("evaluate.py"), *common, f"--policy={ckpt}", f"--name={name}", f"--sft={sft}",
+             f"--reward_model={rmp}", f"--out_dir={out}", "--n_prompts=3"], env=env)
     e = json.load(open(out / "eval_sft.json"))
     assert e["n"] == 3 and abs(e["kl_sft"]) < 1e-3  # the SFT model against itself
     lines = [json.loads(x) for x in open(out / "samples_dpo.jsonl")]
-    assert len(lines) == 3 and {"prompt", "constraints", "story"} <= set(lines[0])
+    assert len(lines) == 3 and {"prompt", "story", "gold", "components"} <= set(lines[0])
     proc = run([script("evaluate.py"), f"--report={out}"], env=env)
     assert "| dpo |" in proc.stdout and (out / "report.md").exists() and (out / "report.json").exists()
 
 
 @pytest.mark.parametrize("args, message", [
-    (["sft.py", "--kinds=words,colour"], "--kinds must be"),
+    (["sft.py", "--task=instruct", "--kinds=words,colour"], "--kinds must be"),
+    (["sft.py", "--task=poems"], "unknown task 'poems'"),
+    (["sft.py", "--top_fraction=0"], "--top_fraction must be"),
     (["grpo.py", "--advantage=ppo"], "--advantage must be"),
     (["grpo.py", "--group_size=1"], "--group_size must be"),
+    (["grpo.py", "--reward=nope.pt"], "--reward must be gold or the path of a reward model"),
+    (["grpo.py", "--policy=missing/ckpt.pt"], "missing/ckpt.pt not found"),
+    (["grpo.py", "--policy=stories260K/stories260K.pt", "--reward=stories260K/stories260K.pt"],
+     "is not a reward model"),
+    (["ppo_rlhf.py", "--reward=nope.pt"], "--reward must be gold or the path of a reward model"),
+    (["ppo_rlhf.py", "--kl_penalty=k9"], "kl_penalty must be one of"),
     (["dpo.py", "--beta=0"], "--beta must be > 0"),
+    (["dpo.py", "--task=poems"], "unknown task 'poems'"),
     (["reward_model.py", "--samples_per_prompt=1"], "--samples_per_prompt must be"),
+    (["evaluate.py", "--policy=stories260K/stories260K.pt", "--tokenizer=../shared/llama2/tokenizer.model"],
+     "has 32000 tokens but the model has vocab_size=512"),
     (["evaluate.py", "--report=/nonexistent/folder"], "no eval_"),
 ])
 def test_bad_settings_are_refused_in_one_line(args, message):
+    if any("../shared" in a for a in args):
+        shared_path("llama2", "tokenizer.model")
     proc = run([script(args[0]), *args[1:]], check=False)
     assert proc.returncode != 0
-    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) <= 2, proc.stderr
+    lines = [x for x in proc.stderr.strip().splitlines() if not x.startswith("Overriding:")]
+    assert message in proc.stderr and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
 
 
 def test_shuffled_batches_cover_each_epoch_once_in_full_batches():
