@@ -93,14 +93,26 @@ def evaluate():
 # -----------------------------------------------------------------------------
 # the report
 
+FIRST = ("pretrained", "sft", "dpo", "ppo_rm", "grpo_rm", "grpo_gold")
+
+
+def report_order(name):
+    """The report's rows: the baselines and single methods first, then each run's checkpoints by iteration and its
+    final one last."""
+    method, _, step = name.partition("@")
+    rank = FIRST.index(method) if method in FIRST else len(FIRST)
+    return rank, method, int(step) if step else 10 ** 9
+
+
 def build_report(folder):
     evals = {}
-    for path in sorted(glob.glob(os.path.join(folder, "eval_*.json"))):
+    for path in glob.glob(os.path.join(folder, "eval_*.json")):
         with open(path) as f:
             e = json.load(f)
         evals[e["name"]] = e
     if not evals:
         fail(f"no eval_*.json in {folder}: run evaluate.py on some checkpoints first")
+    evals = dict(sorted(evals.items(), key=lambda kv: report_order(kv[0])))
     extra = {}
     for key in ("rm", "bon", "check", "pilot"):
         path = os.path.join(folder, f"{key}.json") if key != "rm" else os.path.join(folder, "rm", "rm.json")
@@ -181,12 +193,17 @@ def build_report(folder):
                   f"{m['best_trivial']:.3f} ({trivial}); "
                   f"Spearman with gold {m['spearman_gold']:.3f}." + (f" Per component: {per}." if per else "")]
     for method, pk in extra["peaks"].items():
+        if pk["after"] is None:
+            p = pk["peak"]
+            lines += ["", f"Over-optimisation, {method}: no peak within the run: gold is highest at its last checkpoint "
+                      f"(gold {p['gold']:.3f}, KL {p['kl_sft']:.1f} nats, RM {p['rm_score']:.3f})."]
+            continue
         lines += ["", f"Over-optimisation, {method}: gold peaks at {pk['peak']['name']} (gold {pk['peak']['gold']:.3f}, "
                   f"KL {pk['peak']['kl_sft']:.1f} nats, RM {pk['peak']['rm_score']:.3f})"
                   + (f"; before it {pk['before']['name']} (gold {pk['before']['gold']:.3f}, KL {pk['before']['kl_sft']:.1f},"
                      f" RM {pk['before']['rm_score']:.3f})" if pk.get("before") else "")
-                  + (f"; after it {pk['after']['name']} (gold {pk['after']['gold']:.3f}, KL {pk['after']['kl_sft']:.1f}, "
-                     f"RM {pk['after']['rm_score']:.3f})" if pk.get("after") else "; no checkpoint after it")
+                  + f"; after it {pk['after']['name']} (gold {pk['after']['gold']:.3f}, KL {pk['after']['kl_sft']:.1f}, "
+                    f"RM {pk['after']['rm_score']:.3f})"
                   + f"; the RM score {'keeps rising' if pk['proxy_rises_after_peak'] else 'does not keep rising'} "
                   "after the peak."]
     if extra["targets"]:
@@ -280,7 +297,7 @@ def plot_overoptimisation(folder, evals, bon):
     except ImportError:
         print("matplotlib not installed: no plot (pip install matplotlib)")
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     series = run_points(evals)
     for method, pts in series.items():
         x = [math.sqrt(max(0.0, p[1]["kl_sft"])) for p in pts]
@@ -302,7 +319,7 @@ def plot_overoptimisation(folder, evals, bon):
     for ax in axes:
         ax.set_xlabel("sqrt(KL to SFT)  (nats^0.5 per story)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    axes[1].legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.tight_layout()
     path = os.path.join(folder, "overoptimisation.png")
     fig.savefig(path, dpi=110)

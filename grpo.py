@@ -21,8 +21,8 @@ import torch
 
 import configurator
 from ppo import clipped_policy_loss, kl_estimate, repeated_ngram_rate
-from rlhf import (PromptStream, group_advantages, load_policy, load_reward_model, make_batch, open_stage,
-                  response_logprobs, reward_scores, sample_stories, save_policy)
+from rlhf import (PromptStream, group_advantages, load_policy, make_batch, open_reward, open_stage,
+                  response_logprobs, reward_scores, sample_stories, save_rl_checkpoint)
 from utils import MetricsLog, cosine_lr, fail
 
 # -----------------------------------------------------------------------------
@@ -64,15 +64,10 @@ def main():
             fail(f"--{name} must be >= 1, got {globals()[name]}")
     if beta < 0:
         fail(f"--beta must be >= 0, got {beta}")
-    if reward != "gold" and not os.path.isfile(reward):
-        fail(f"--reward must be gold or the path of a reward model (reward_model.py's rm.pt), got {reward!r}")
+    rm = open_reward(reward, device)  # before the slower opening of the stage: a wrong path fails at once
     dev, enc, the_task, model, decode_fn = open_stage(task, policy, tokenizer, data_dir, device, compile, seed,
                                                       reference)
-    try:
-        ref_model = load_policy(policy, dev).requires_grad_(False)
-        rm = None if reward == "gold" else load_reward_model(reward, dev)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        fail(e)
+    ref_model = load_policy(policy, dev).requires_grad_(False)  # open_stage has read it once already
     optimizer = model.configure_optimizers(0.0, learning_rate, (0.9, 0.95), dev.split(":")[0])
     os.makedirs(out_dir, exist_ok=True)
     metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
@@ -125,10 +120,7 @@ def main():
         print(f"{it} | reward {row['reward']:.4f} | gold {row['gold']:.3f} | kl_sft {row['kl_sft']:.2f} | length "
               f"{row['length']:.0f} | rep3 {row['rep3']:.3f} | {row['time_s']:.1f}s (rollout {rollout_s:.1f}s) | "
               f"eta {eta / 60:.1f} min")
-        if save_interval and it % save_interval == 0 and it < max_iters:
-            save_policy(model, os.path.join(out_dir, f"ckpt_{it}.pt"), task=task, config=config, iter_num=it)
-    path = os.path.join(out_dir, "ckpt.pt")
-    save_policy(model, path, task=task, config=config, iter_num=max_iters)
+        path = save_rl_checkpoint(model, out_dir, it, max_iters, save_interval, task=task, config=config)
     print(f"saved {path} ({time.time() - t_start:.0f} s)")
 
 

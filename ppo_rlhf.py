@@ -21,8 +21,8 @@ import torch
 import configurator
 from ppo import PPOConfig, PPOTrainer, ppo_iteration
 from generate import compile_decode
-from rlhf import (PromptStream, compile_auto, load_policy, load_reward_model, open_stage, reward_scores,
-                  save_policy)
+from rlhf import (PromptStream, compile_auto, load_policy, open_reward, open_stage, reward_scores,
+                  save_rl_checkpoint)
 from tasks import gold_of
 from utils import MetricsLog, cosine_lr, fail
 
@@ -62,8 +62,6 @@ config = {k: v for k, v in globals().items() if not k.startswith("_") and isinst
 
 
 def main():
-    if reward != "gold" and not os.path.isfile(reward):
-        fail(f"--reward must be gold or the path of a reward model (reward_model.py's rm.pt), got {reward!r}")
     if max_iters < 1:
         fail(f"--max_iters must be >= 1, got {max_iters}")
     try:
@@ -72,12 +70,12 @@ def main():
                             mini_batch_size=mini_batch_size, ppo_epochs=ppo_epochs, max_grad_norm=grad_clip or None)
     except ValueError as e:
         fail(e)
+    rm = open_reward(reward, device)  # before the slower opening of the stage: a wrong path fails at once
     dev, enc, the_task, _, _ = open_stage(task, policy, tokenizer, data_dir, device, False, seed, reference)
     try:
         model = load_policy(policy, dev, value_head=True)
         model.detach_value = detach_value
         ref_model = load_policy(kl_reference or policy, dev).requires_grad_(False)
-        rm = None if reward == "gold" else load_reward_model(reward, dev)
     except (FileNotFoundError, ValueError, KeyError) as e:
         fail(e)
     if ref_model.params.vocab_size != model.params.vocab_size:
@@ -119,10 +117,7 @@ def main():
         print(f"{it} | reward {row['reward_mean']:.4f} | gold {row['gold_mean']:.3f} | kl_ref {row['kl_ref']:.2f} | "
               f"length {row['length_mean']:.0f} | ended {row['ended_frac']:.2f} | entropy {row['entropy']:.0f} | "
               f"rollout {stats['rollout_s']:.1f}s | eta {eta / 60:.1f} min")
-        if save_interval and it % save_interval == 0 and it < max_iters:
-            save_policy(model, os.path.join(out_dir, f"ckpt_{it}.pt"), task=task, config=config, iter_num=it)
-    path = os.path.join(out_dir, "ckpt.pt")
-    save_policy(model, path, task=task, config=config, iter_num=max_iters)
+        path = save_rl_checkpoint(model, out_dir, it, max_iters, save_interval, task=task, config=config)
     print(f"saved {path} ({time.time() - t_start:.0f} s)")
 
 

@@ -84,11 +84,37 @@ def load_reward_model(path, device="cpu"):
     return load_policy(path, device, value_head=True).requires_grad_(False)
 
 
+def open_reward(reward, device="cpu"):
+    """--reward: "gold" (the judge itself: None) or the path of a reward model; anything else ends the script with
+    a one-line error."""
+    if reward == "gold":
+        return None
+    if not os.path.isfile(reward):
+        fail(f"--reward must be gold or the path of a reward model (reward_model.py's rm.pt), got {reward!r}")
+    try:
+        return load_reward_model(reward, pick_device(device))
+    except (ValueError, KeyError) as e:
+        fail(e)
+
+
 def save_policy(model, path, **extra):
     """The checkpoint layout of train.py (model, model_args, iter_num, config), written atomically."""
     model.clear_caches()
     save_checkpoint({"model": model.state_dict(), "model_args": asdict(model.params), "iter_num": 0,
                      "best_val_loss": 0.0, "config": {}, **extra}, path)
+
+
+def save_rl_checkpoint(model, out_dir, it, max_iters, save_interval, **extra):
+    """An RL run's checkpoints: ckpt_<it>.pt every save_interval iterations (the over-optimisation curve) and
+    ckpt.pt after the last; returns the path written, or None."""
+    if it == max_iters:
+        path = os.path.join(out_dir, "ckpt.pt")
+    elif save_interval and it % save_interval == 0:
+        path = os.path.join(out_dir, f"ckpt_{it}.pt")
+    else:
+        return None
+    save_policy(model, path, iter_num=it, **extra)
+    return path
 
 
 # -----------------------------------------------------------------------------

@@ -433,3 +433,27 @@ def test_shuffled_batches_cover_each_epoch_once_in_full_batches():
         seen = [x for _, b in epoch for x in b]
         assert len(set(seen)) == 9  # one item per epoch left over, none repeated
     assert out == list(shuffled_batches(list(range(10)), 3, 2, seed=0))  # seeded
+
+
+def test_report_finds_the_peak_and_checks_the_targets(monkeypatch):
+    """evaluate.peaks: the checkpoint of highest gold along a run (from SFT), with its neighbours, and whether the
+    proxy still rises after it; evaluate.targets: met or not from the numbers."""
+    import sys
+    monkeypatch.setattr(sys, "argv", ["evaluate.py"])  # its settings are read from the command line on import
+    from evaluate import peaks, report_order, targets
+
+    def ev(name, gold, kl, rm, golds=None):
+        return {"name": name, "gold": gold, "kl_sft": kl, "rm_score": rm, "golds": golds or [gold] * 4}
+    evals = {"sft": ev("sft", 0.60, 0.0, 1.0), "run@5": ev("run@5", 0.70, 5.0, 2.0),
+             "run@10": ev("run@10", 0.65, 20.0, 2.5), "run": ev("run", 0.62, 40.0, 3.0),
+             "flat@5": ev("flat@5", 0.70, 5.0, 2.0), "flat": ev("flat", 0.75, 8.0, 2.2)}
+    pk = peaks(evals)
+    assert pk["run"]["peak"]["name"] == "run@5" and pk["run"]["before"]["name"] == "sft"
+    assert pk["run"]["after"]["name"] == "run@10" and pk["run"]["proxy_rises_after_peak"]
+    assert pk["flat"]["peak"]["name"] == "flat" and pk["flat"]["after"] is None
+    assert sorted(["run", "run@10", "sft", "run@5", "pretrained"], key=report_order) == \
+        ["pretrained", "sft", "run@5", "run@10", "run"]
+    evals["dpo"] = ev("dpo", 0.75, 16.0, 2.0, golds=[0.75] * 4)  # +0.15 but past the KL budget
+    evals["grpo_rm"] = ev("grpo_rm", 0.72, 5.0, 2.0, golds=[0.72] * 4)
+    got = {t["target"].split(":")[0]: t["met"] for t in targets(evals, {})}
+    assert got == {"dpo": False, "grpo_rm": True}
