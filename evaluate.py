@@ -319,7 +319,7 @@ def plot_overoptimisation(folder, evals, bon):
     for ax in axes:
         ax.set_xlabel("sqrt(KL to SFT)  (nats^0.5 per story)")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
+    axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.tight_layout()
     path = os.path.join(folder, "overoptimisation.png")
     fig.savefig(path, dpi=110)
