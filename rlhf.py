@@ -21,7 +21,8 @@ from generate import compile_decode, generate_withcache
 from model import TransformerWithValueHead
 from ppo import logprobs_from_logits, repeated_ngram_rate
 from tasks import Example, gold_of, load_task
-from utils import atomic_write, fail, load_checkpoint, load_tokenizer, pick_device, save_checkpoint
+from tokenizer import load_tokenizer
+from utils import atomic_write, fail, load_checkpoint, pick_device, save_checkpoint
 
 
 # -----------------------------------------------------------------------------

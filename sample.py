@@ -22,7 +22,8 @@ import torch
 import configurator
 from export import FormatError, load_model
 from generate import compile_decode, generate_withcache
-from utils import DTYPES, fail, find_tokenizer, load_tokenizer, pick_device, pick_dtype
+from tokenizer import find_tokenizer, load_tokenizer
+from utils import DTYPES, fail, pick_device, pick_dtype
 
 BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stories260K", "stories260K.pt")
 

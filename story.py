@@ -189,7 +189,7 @@ def pilot(task, n, policy_path, seed=0):
 if __name__ == "__main__":
     import argparse
 
-    from utils import load_tokenizer
+    from tokenizer import load_tokenizer
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["pilot", "show"])
     parser.add_argument("--data_dir", default=None)

@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from tokenizer import Tokenizer
-from utils import DATA_CACHE_DIR, atomic_write, get_tokenizer_model_path
+from tokenizer import Tokenizer, get_tokenizer_model_path
+from utils import DATA_CACHE_DIR, atomic_write
 
 DATA_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
 

@@ -1,6 +1,7 @@
 """
 A thin wrapper over a sentencepiece model (Llama 2's 32K vocab, or one trained by
-`python tinystories.py train_vocab`), plus export to llama2.c's `.bin` tokenizer format.
+`python tinystories.py train_vocab`), export to llama2.c's `.bin` tokenizer format, and finding the tokenizer a
+model was trained with (load_tokenizer refuses one of another vocabulary size).
 
 Export a tokenizer for llama2.c's run.c (writes tok512.bin next to tok512.model):
     python tokenizer.py --tokenizer-model=data/tok512.model
@@ -12,6 +13,7 @@ from typing import List
 
 from sentencepiece import SentencePieceProcessor
 
+import utils
 from utils import atomic_write
 
 TOKENIZER_MODEL = "tokenizer.model"  # the Llama 2 tokenizer
@@ -63,6 +65,46 @@ class Tokenizer:
         with atomic_write(path) as f:
             f.write(bytes(out))
         return path
+
+
+# -----------------------------------------------------------------------------
+# which tokenizer a model was trained with
+
+def get_tokenizer_model_path(vocab_size):
+    """Where train_vocab writes a custom tokenizer; vocab_size 0 means Llama 2's (tokenizer.model): None."""
+    if vocab_size == 0:
+        return None
+    return os.path.join(utils.DATA_CACHE_DIR, f"tok{vocab_size}.model")
+
+
+def find_tokenizer(vocab_size, near=None, config=None):
+    """The tokenizer .model of a model with vocab_size tokens: the one its checkpoint's config names, Llama 2's
+    tokenizer.model for the llama2 vocabulary, tok{vocab_size}.model or tokenizer.model in the folder of the
+    checkpoint `near`, then data/tok{vocab_size}.model. The first that exists, else FileNotFoundError."""
+    config = config or {}
+    if config.get("tokenizer"):
+        candidates = [config["tokenizer"]]
+    elif config.get("vocab_source") == "llama2" or vocab_size == 32000:
+        candidates = ["tokenizer.model"]
+    else:
+        candidates = []
+    if near:
+        folder = near if os.path.isdir(near) else os.path.dirname(near)
+        candidates += [os.path.join(folder, f"tok{vocab_size}.model"), os.path.join(folder, "tokenizer.model")]
+    candidates.append(get_tokenizer_model_path(vocab_size))
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"no tokenizer found (tried {', '.join(candidates)}): pass --tokenizer=path/to/tok.model")
+
+
+def load_tokenizer(path, vocab_size):
+    """Tokenizer(path), refusing one whose vocabulary is not the model's (ValueError, one line)."""
+    enc = Tokenizer(path)
+    if enc.n_words != vocab_size:
+        raise ValueError(f"tokenizer {path} has {enc.n_words} tokens but the model has vocab_size={vocab_size}: "
+                         f"pass the tokenizer the model was trained with (--tokenizer=...)")
+    return enc
 
 
 if __name__ == "__main__":

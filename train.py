@@ -34,8 +34,9 @@ import configurator
 from export import FormatError, load_model, load_model_state, model_args_from_checkpoint
 from model import ModelArgs, Transformer, TransformerWithValueHead
 from tinystories import BatchStream, DataError, Task, file_sha256, read_meta
-from utils import (DTYPES, MetricsLog, cosine_lr, fail, find_tokenizer, load_checkpoint, load_tokenizer,
-                   pick_device, pick_dtype, plot_ppo_metrics, save_checkpoint)
+from tokenizer import find_tokenizer, load_tokenizer
+from utils import (DTYPES, MetricsLog, cosine_lr, fail, load_checkpoint, pick_device, pick_dtype, plot_ppo_metrics,
+                   save_checkpoint)
 
 # -----------------------------------------------------------------------------
 # I/O

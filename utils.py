@@ -1,6 +1,6 @@
 """
 Small helpers every script shares: one-line errors, atomic file writes, safe checkpoint loading, device and
-dtype selection, finding the tokenizer of a model, the JSONL metrics log and the PPO plot.
+dtype selection, the JSONL metrics log and the PPO plot. (Finding and loading a model's tokenizer: tokenizer.py.)
 """
 import contextlib
 import json
@@ -91,44 +91,6 @@ def pick_dtype(dtype, device):
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype}")
     return dtype
-
-
-def get_tokenizer_model_path(vocab_size):
-    """Where train_vocab writes a custom tokenizer; vocab_size 0 means Llama 2's (tokenizer.model): None."""
-    if vocab_size == 0:
-        return None
-    return os.path.join(DATA_CACHE_DIR, f"tok{vocab_size}.model")
-
-
-def find_tokenizer(vocab_size, near=None, config=None):
-    """The tokenizer .model of a model with vocab_size tokens: the one its checkpoint's config names, Llama 2's
-    tokenizer.model for the llama2 vocabulary, tok{vocab_size}.model or tokenizer.model in the folder of the
-    checkpoint `near`, then data/tok{vocab_size}.model. The first that exists, else FileNotFoundError."""
-    config = config or {}
-    if config.get("tokenizer"):
-        candidates = [config["tokenizer"]]
-    elif config.get("vocab_source") == "llama2" or vocab_size == 32000:
-        candidates = ["tokenizer.model"]
-    else:
-        candidates = []
-    if near:
-        folder = near if os.path.isdir(near) else os.path.dirname(near)
-        candidates += [os.path.join(folder, f"tok{vocab_size}.model"), os.path.join(folder, "tokenizer.model")]
-    candidates.append(get_tokenizer_model_path(vocab_size))
-    for path in candidates:
-        if os.path.isfile(path):
-            return path
-    raise FileNotFoundError(f"no tokenizer found (tried {', '.join(candidates)}): pass --tokenizer=path/to/tok.model")
-
-
-def load_tokenizer(path, vocab_size):
-    """Tokenizer(path), refusing one whose vocabulary is not the model's (ValueError, one line)."""
-    from tokenizer import Tokenizer  # here: tokenizer.py imports this module
-    enc = Tokenizer(path)
-    if enc.n_words != vocab_size:
-        raise ValueError(f"tokenizer {path} has {enc.n_words} tokens but the model has vocab_size={vocab_size}: "
-                         f"pass the tokenizer the model was trained with (--tokenizer=...)")
-    return enc
 
 
 class MetricsLog:

@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels
 import model as model_module
-from model import ChunkedCausalAttention, ModelArgs, Transformer, causal_attention, dropout, drop_mask, quantised_p
+from kernels import ChunkedCausalAttention, dropout, drop_mask, quantised_p
+from model import ModelArgs, Transformer, causal_attention
 
 
 def qkv(B=2, H=4, Hk=2, T=37, D=5, dtype=torch.float64, seed=0):
@@ -25,7 +27,7 @@ def grouped(q, k, v, p):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(model_module, "ATTENTION_CHUNK", 8)  # 37 positions: 5 chunks, the last one partial
+    monkeypatch.setattr(kernels, "ATTENTION_CHUNK", 8)  # 37 positions: 5 chunks, the last one partial
 
 
 def test_without_drops_it_is_sdpa_forward_and_backward(small_chunks):
@@ -172,7 +174,7 @@ def test_attention_takes_the_chunks_where_they_pay_whatever_the_grad_mode(monkey
 
 def test_training_through_the_chunks_gives_sdpa_loss_and_gradients(monkeypatch):
     """The whole model at dropout 0: the same loss and gradients whether attention runs in chunks or in SDPA."""
-    monkeypatch.setattr(model_module, "ATTENTION_CHUNK", 16)  # 80 positions: 5 chunks
+    monkeypatch.setattr(kernels, "ATTENTION_CHUNK", 16)  # 80 positions: 5 chunks
     cfg = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=8, max_seq_len=80)
     torch.manual_seed(0)
     m = Transformer(cfg).double()

@@ -45,19 +45,20 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
 def test_find_tokenizer_prefers_the_one_beside_the_checkpoint(tmp_path, monkeypatch):
     """The checkpoint's config first, then tok{V}.model beside the checkpoint, then the data folder: the seed's
     PPO command names no tokenizer, and stories260K/tok512.model (not the user's own data/tok512.model) is its."""
+    import tokenizer
     import utils
     data, run_dir = tmp_path / "data", tmp_path / "run"
     data.mkdir()
     run_dir.mkdir()
     monkeypatch.setattr(utils, "DATA_CACHE_DIR", str(data))
     (data / "tok512.model").write_bytes(b"x")
-    assert utils.find_tokenizer(512, near=str(run_dir / "ckpt.pt")) == str(data / "tok512.model")
+    assert tokenizer.find_tokenizer(512, near=str(run_dir / "ckpt.pt")) == str(data / "tok512.model")
     (run_dir / "tok512.model").write_bytes(b"x")
-    assert utils.find_tokenizer(512, near=str(run_dir / "ckpt.pt")) == str(run_dir / "tok512.model")
+    assert tokenizer.find_tokenizer(512, near=str(run_dir / "ckpt.pt")) == str(run_dir / "tok512.model")
     named = tmp_path / "named.model"
     named.write_bytes(b"x")
-    assert utils.find_tokenizer(512, near=str(run_dir / "ckpt.pt"), config={"tokenizer": str(named)}) == str(named)
+    assert tokenizer.find_tokenizer(512, near=str(run_dir / "ckpt.pt"), config={"tokenizer": str(named)}) == str(named)
     with pytest.raises(FileNotFoundError, match="pass --tokenizer"):
-        utils.find_tokenizer(300, near=str(run_dir / "ckpt.pt"))
+        tokenizer.find_tokenizer(300, near=str(run_dir / "ckpt.pt"))
     with pytest.raises(ValueError, match="has 512 tokens but the model has vocab_size=300"):
-        utils.load_tokenizer(shared_path("stories260K", "tok512.model"), 300)
+        tokenizer.load_tokenizer(shared_path("stories260K", "tok512.model"), 300)
