@@ -11,16 +11,15 @@ repeated-3-gram rate.
 Writes out_dir/eval_<name>.json and out_dir/samples_<name>.jsonl (one {"prompt", "story", "gold", "components",
 ...} per held-out prompt). CPU: ~30 s for 128 prompts; one GPU: the same command.
 """
-import glob
 import json
-import math
 import os
 import sys
 import time
 
 import configurator
-from rlhf import guard_metrics, load_policy, load_reward_model, open_stage, reward_scores, sample_record, sample_stories, write_jsonl
-from stats import bootstrap_ci, paired_diff_ci
+from rlhf import (guard_metrics, load_policy, load_reward_model, open_stage, reward_scores, sample_record,
+                  sample_stories, write_jsonl)
+from stats import bootstrap_ci
 from utils import atomic_write, fail
 
 # -----------------------------------------------------------------------------
@@ -39,7 +38,7 @@ batch_size = 64
 device = "auto"
 compile = "auto"  # compile the decode step
 seed = 0
-report = ""  # a folder: build report.json / report.md / the plot from its eval_*.json, rm.json and bon.json, and exit
+report = ""  # a folder: build report.json / report.md / the plot from its eval_*.json, rm.json and bon.json (report.py)
 # -----------------------------------------------------------------------------
 configurator.apply_or_exit(globals(), sys.argv[1:])
 
@@ -90,244 +89,9 @@ def evaluate():
           + (f", rm {result['rm_score']:.3f}" if rm else "") + f" ({result['seconds']:.0f} s)")
 
 
-# -----------------------------------------------------------------------------
-# the report
-
-FIRST = ("pretrained", "sft", "dpo", "ppo_rm", "grpo_rm", "grpo_gold")
-
-
-def report_order(name):
-    """The report's rows: the baselines and single methods first, then each run's checkpoints by iteration and its
-    final one last."""
-    method, _, step = name.partition("@")
-    rank = FIRST.index(method) if method in FIRST else len(FIRST)
-    return rank, method, int(step) if step else 10 ** 9
-
-
-def build_report(folder):
-    evals = {}
-    for path in glob.glob(os.path.join(folder, "eval_*.json")):
-        with open(path) as f:
-            e = json.load(f)
-        evals[e["name"]] = e
-    if not evals:
-        fail(f"no eval_*.json in {folder}: run evaluate.py on some checkpoints first")
-    evals = dict(sorted(evals.items(), key=lambda kv: report_order(kv[0])))
-    extra = {}
-    for key in ("rm", "bon", "check", "pilot"):
-        path = os.path.join(folder, f"{key}.json") if key != "rm" else os.path.join(folder, "rm", "rm.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                extra[key] = json.load(f)
-    timings = os.path.join(folder, "timings.tsv")
-    if os.path.isfile(timings):
-        with open(timings) as f:
-            extra["timings_s"] = {k: int(v) for k, v in (line.split("\t") for line in f if line.strip())}
-    base = evals.get("sft")
-    rows = []
-    for name_, e in evals.items():
-        row = {k: e.get(k) for k in ("name", "n", "gold", "gold_ci", "kl_sft", "ref_nll", "rep3", "rm_score",
-                                     "n_tokens", "ended")}
-        row["components"] = {k: v["mean"] for k, v in e["components"].items()}
-        if base is not None and name_ != "sft" and len(e["golds"]) == len(base["golds"]):
-            m, lo, hi = paired_diff_ci(e["golds"], base["golds"])
-            row["gold_vs_sft"] = [m, lo, hi]
-        if base is not None and e.get("ref_nll") is not None:
-            row["ref_nll_vs_sft"] = e["ref_nll"] - base["ref_nll"]
-        rows.append(row)
-    pre = evals.get("pretrained")
-    if pre is not None and base is not None and len(pre["golds"]) == len(base["golds"]):
-        extra["sft_vs_pretrained"] = list(paired_diff_ci(base["golds"], pre["golds"]))
-    extra["targets"] = targets(evals, extra)
-    extra["peaks"] = peaks(evals)
-    rep = {"methods": rows, **extra}
-    with atomic_write(os.path.join(folder, "report.json"), "w") as f:
-        json.dump(rep, f, indent=1)
-
-    def fmt(x, p=3):
-        return "–" if x is None else f"{x:.{p}f}"
-
-    lines = ["# RLHF chain report", ""]
-    if "pilot" in extra:
-        p = extra["pilot"]
-        comps = [c for c in next(v for v in p.values() if isinstance(v, dict)) if c not in ("gold", "tokens")]
-        lines += ["Pilot: each gold component's rate on the real held-out continuations (cut at the budget) and on the "
-                  f"pre-trained model's samples for the same prompts ({p.get('prompts with a name', 0):.0%} of the "
-                  "prompts carry a name).", "",
-                  "| source | " + " | ".join(comps) + " | gold | tokens |", "|---|" + "---|" * (len(comps) + 2)]
-        for source, r in p.items():
-            if isinstance(r, dict):
-                lines.append(f"| {source} | " + " | ".join(f"{r[c]:.3f}" for c in comps)
-                             + f" | {r['gold']:.3f} | {r['tokens']:.0f} |")
-        lines.append("")
-    lines += [f"Task {next(iter(evals.values())).get('task', 'story')}; held-out prompts: "
-             "shard 0, one story per prompt at temperature 1.", ""]
-    kinds_seen = list(dict.fromkeys(k for r in rows for k in r["components"]))
-    lines += ["| method | gold [95% CI] | gold − SFT [95% CI] | " + " | ".join(kinds_seen) +
-              " | KL to SFT (nats/story) | ref NLL (nats/tok) | Δ ref NLL | rep3 | RM score | tokens |",
-              "|---|---|---|" + "---|" * len(kinds_seen) + "---|---|---|---|---|---|"]
-    for r in rows:
-        d = r.get("gold_vs_sft")
-        lines.append(f"| {r['name']} | {fmt(r['gold'])} [{fmt(r['gold_ci'][0])}, {fmt(r['gold_ci'][1])}] | "
-                     + (f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" if d else "–") + " | "
-                     + " | ".join(fmt(r["components"].get(k)) for k in kinds_seen)
-                     + f" | {fmt(r['kl_sft'], 2)} | {fmt(r['ref_nll'])} | "
-                     + (f"{r['ref_nll_vs_sft']:+.3f}" if r.get("ref_nll_vs_sft") is not None else "–")
-                     + f" | {fmt(r['rep3'])} | {fmt(r['rm_score'])} | {fmt(r['n_tokens'], 0)} |")
-    if "bon" in extra:
-        b = extra["bon"]
-        lines += ["", f"Best-of-n from one pool of {b['pool_size']} SFT samples per prompt ({b['n_prompts']} held-out "
-                  "prompts); KL is the bound log n − (n−1)/n, not a measurement.", "",
-                  "| n | KL bound (nats) | gold, picked by RM [95% CI] | RM score | gold, picked by gold (ceiling) | ref NLL | rep3 |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in b["rows"]:
-            lines.append(f"| {r['n']} | {r['kl_bound']:.2f} | {r['gold_by_rm']:.3f} [{r['gold_by_rm_ci'][0]:.3f}, "
-                         f"{r['gold_by_rm_ci'][1]:.3f}] | {r['rm_by_rm']:.3f} | {r['gold_by_gold']:.3f} | "
-                         f"{r['ref_nll_by_rm']:.3f} | {r['rep3_by_rm']:.3f} |")
-    if "rm" in extra:
-        m = extra["rm"]
-        trivial = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in m["trivial"].items())
-        per = ", ".join(f"{c} {v['accuracy']:.3f} ({v['pairs']} pairs)" for c, v in m.get("per_component", {}).items())
-        lines += ["", f"Reward model: held-out accuracy {m['accuracy']:.3f} on {m['heldout_pairs']} pairs, "
-                  f"{m['accuracy_clear']:.3f} on {m['heldout_clear_pairs']} clear pairs; best trivial predictor "
-                  f"{m['best_trivial']:.3f} ({trivial}); "
-                  f"Spearman with gold {m['spearman_gold']:.3f}." + (f" Per component: {per}." if per else "")]
-    for method, pk in extra["peaks"].items():
-        if pk["after"] is None:
-            p = pk["peak"]
-            lines += ["", f"Over-optimisation, {method}: no peak within the run: gold is highest at its last checkpoint "
-                      f"(gold {p['gold']:.3f}, KL {p['kl_sft']:.1f} nats, RM {p['rm_score']:.3f})."]
-            continue
-        lines += ["", f"Over-optimisation, {method}: gold peaks at {pk['peak']['name']} (gold {pk['peak']['gold']:.3f}, "
-                  f"KL {pk['peak']['kl_sft']:.1f} nats, RM {pk['peak']['rm_score']:.3f})"
-                  + (f"; before it {pk['before']['name']} (gold {pk['before']['gold']:.3f}, KL {pk['before']['kl_sft']:.1f},"
-                     f" RM {pk['before']['rm_score']:.3f})" if pk.get("before") else "")
-                  + f"; after it {pk['after']['name']} (gold {pk['after']['gold']:.3f}, KL {pk['after']['kl_sft']:.1f}, "
-                    f"RM {pk['after']['rm_score']:.3f})"
-                  + f"; the RM score {'keeps rising' if pk['proxy_rises_after_peak'] else 'does not keep rising'} "
-                  "after the peak."]
-    if extra["targets"]:
-        lines += ["", "| target | measured | met |", "|---|---|---|"]
-        lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |" for t in extra["targets"]]
-    if "timings_s" in extra:
-        t = extra["timings_s"]
-        lines += ["", f"Wall time of the stages (s): {', '.join(f'{k} {v}' for k, v in t.items())}; "
-                  f"total {sum(t.values())} s."]
-    with atomic_write(os.path.join(folder, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    plot_overoptimisation(folder, evals, extra.get("bon"))
-
-
-def run_points(evals):
-    """{method: [(iteration, eval), ...]} of the RL runs evaluated along the way (names <method>@<iter>), each
-    from SFT (iteration 0) to its final checkpoint (evaluated under the method's plain name)."""
-    series = {}
-    for name_, e in evals.items():
-        if "@" in name_ and e.get("kl_sft") is not None and e.get("rm_score") is not None:
-            method, step = name_.split("@")
-            series.setdefault(method, []).append((int(step), e))
-    for method, pts in series.items():
-        if method in evals:
-            pts.append((10 ** 9, evals[method]))
-        if "sft" in evals and evals["sft"].get("rm_score") is not None:
-            pts.append((0, evals["sft"]))
-        pts.sort(key=lambda p: p[0])
-    return series
-
-
-def peaks(evals):
-    """Where gold peaks along each RL run, with the checkpoints before and after it, and whether the proxy
-    (the RM score) still rises past the peak."""
-    out = {}
-    for method, pts in run_points(evals).items():
-        i = max(range(len(pts)), key=lambda k: pts[k][1]["gold"])
-        pick = lambda e: {k: e.get(k) for k in ("name", "gold", "kl_sft", "rm_score")}
-        out[method] = {"peak": pick(pts[i][1]), "before": pick(pts[i - 1][1]) if i > 0 else None,
-                       "after": pick(pts[i + 1][1]) if i + 1 < len(pts) else None,
-                       "proxy_rises_after_peak": i + 1 < len(pts) and pts[-1][1]["rm_score"] > pts[i][1]["rm_score"]}
-    return out
-
-
-def targets(evals, extra):
-    """The chain's targets against what was measured (story task: issue 22's list)."""
-    out = []
-    sft, pre = evals.get("sft"), evals.get("pretrained")
-
-    def add(target, measured, met):
-        out.append({"target": target, "measured": measured, "met": bool(met)})
-    if "sft_vs_pretrained" in extra:
-        m, lo, hi = extra["sft_vs_pretrained"]
-        add("SFT gold >= pre-trained + 0.05, CI excluding 0", f"{sft['gold']:.3f} vs {pre['gold']:.3f}: {m:+.3f} "
-            f"[{lo:+.3f}, {hi:+.3f}]", m >= 0.05 and lo > 0)
-    if "rm" in extra:
-        r = extra["rm"]
-        add("RM held-out accuracy >= 0.75 (non-tied pairs)", f"{r['accuracy']:.3f} on {r['heldout_pairs']} pairs",
-            r["accuracy"] >= 0.75)
-        add("RM accuracy >= 0.85 on pairs whose gold differs by >= 0.25",
-            f"{r['accuracy_clear']:.3f} on {r['heldout_clear_pairs']} pairs", r["accuracy_clear"] >= 0.85)
-        add("RM >= best trivial predictor + 0.05", f"{r['accuracy']:.3f} vs {r['best_trivial']:.3f}",
-            r["accuracy"] >= r["best_trivial"] + 0.05)
-    for name_ in ("dpo", "ppo_rm", "grpo_rm", "grpo_gold"):
-        e = evals.get(name_)
-        if e is None or sft is None or len(e["golds"]) != len(sft["golds"]):
-            continue
-        m, lo, hi = paired_diff_ci(e["golds"], sft["golds"])
-        add(f"{name_}: gold >= SFT + 0.10 (CI excluding 0) at KL to SFT <= 15", f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}] at "
-            f"KL {e['kl_sft']:.1f}", m >= 0.10 and lo > 0 and e["kl_sft"] <= 15)
-    if "bon" in extra and sft is not None:
-        rows = [r for r in extra["bon"]["rows"] if r["n"] == 16]
-        if rows:
-            one = extra["bon"]["rows"][0]["gold_by_rm"]
-            add("best-of-16 by the RM >= SFT + 0.05", f"{rows[0]['gold_by_rm']:.3f} vs best-of-1 (SFT) {one:.3f}",
-                rows[0]["gold_by_rm"] >= one + 0.05)
-    if "timings_s" in extra:
-        total = sum(extra["timings_s"].values())
-        add("the chain in <= 30 minutes", f"{total / 60:.1f} min (the stages' sum)", total <= 1800)
-    return out
-
-
-def plot_overoptimisation(folder, evals, bon):
-    """Gold and reward-model score against sqrt(KL to SFT): best-of-n (the KL bound), each RL run's
-    checkpoints (eval names <method>@<iter>) as a curve from SFT, and every other method as one point."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install matplotlib)")
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    series = run_points(evals)
-    for method, pts in series.items():
-        x = [math.sqrt(max(0.0, p[1]["kl_sft"])) for p in pts]
-        axes[0].plot(x, [p[1]["gold"] for p in pts], "o-", label=method)
-        axes[1].plot(x, [p[1]["rm_score"] for p in pts], "o-", label=method)
-    for name_, e in evals.items():  # the other methods' final checkpoints: one point each
-        if "@" in name_ or name_ in series or name_ in ("sft", "pretrained") or e.get("rm_score") is None:
-            continue
-        x = math.sqrt(max(0.0, e["kl_sft"]))
-        axes[0].plot([x], [e["gold"]], "^", label=name_)
-        axes[1].plot([x], [e["rm_score"]], "^", label=name_)
-    if bon:
-        x = [math.sqrt(r["kl_bound"]) for r in bon["rows"]]
-        axes[0].plot(x, [r["gold_by_rm"] for r in bon["rows"]], "s--", label="best-of-n by RM (KL bound)")
-        axes[0].plot(x, [r["gold_by_gold"] for r in bon["rows"]], ":", color="grey", label="best-of-n by gold (ceiling)")
-        axes[1].plot(x, [r["rm_by_rm"] for r in bon["rows"]], "s--", label="best-of-n by RM (KL bound)")
-    axes[0].set_ylabel("held-out gold")
-    axes[1].set_ylabel("reward-model score")
-    for ax in axes:
-        ax.set_xlabel("sqrt(KL to SFT)  (nats^0.5 per story)")
-        ax.grid(alpha=0.3)
-    axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
-    fig.tight_layout()
-    path = os.path.join(folder, "overoptimisation.png")
-    fig.savefig(path, dpi=110)
-    print(f"plotted {path}")
-
-
 if __name__ == "__main__":
     if report:
+        from report import build_report
         build_report(report)
     else:
         evaluate()

@@ -35,8 +35,8 @@ from export import FormatError, load_model, load_model_state, model_args_from_ch
 from model import ModelArgs, Transformer, TransformerWithValueHead
 from tinystories import BatchStream, DataError, Task, file_sha256, read_meta
 from tokenizer import find_tokenizer, load_tokenizer
-from utils import (DTYPES, MetricsLog, cosine_lr, fail, load_checkpoint, pick_device, pick_dtype, plot_ppo_metrics,
-                   save_checkpoint)
+from report import plot_ppo_metrics
+from utils import DTYPES, MetricsLog, cosine_lr, fail, load_checkpoint, pick_device, pick_dtype, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # I/O

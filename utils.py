@@ -1,6 +1,6 @@
 """
 Small helpers every script shares: one-line errors, atomic file writes, safe checkpoint loading, device and
-dtype selection, the JSONL metrics log and the PPO plot. (Finding and loading a model's tokenizer: tokenizer.py.)
+dtype selection, the JSONL metrics log. (The tokenizer of a model: tokenizer.py; plots and reports: report.py.)
 """
 import contextlib
 import json
@@ -115,45 +115,3 @@ def cosine_lr(it, learning_rate, min_lr, warmup_iters, decay_iters):
     decay_ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))
     return min_lr + coeff * (learning_rate - min_lr)
-
-
-def plot_ppo_metrics(metrics_path, png_path, target_len=None, band=10):
-    """Per PPO iteration: length (with the target +- band), reward, KL to the reference, entropy, the
-    rollouts' NLL under the reference and their repeated-3-gram rate, as a PNG. matplotlib is optional:
-    returns False without it. Also usable on its own:
-    python -c "import utils; utils.plot_ppo_metrics('out/metrics.jsonl', 'ppo.png', 200)"."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    if not os.path.isfile(metrics_path):
-        return False
-    with open(metrics_path) as f:
-        rows = [r for r in map(json.loads, f) if "reward_mean" in r]
-    if not rows:
-        return False
-    it = [r["iter"] - rows[0]["iter"] for r in rows]
-    panels = [("length_mean", "mean story length (tokens)"), ("reward_mean", "mean reward (score)"),
-              ("kl_ref", "KL to the reference (nats/story)"), ("entropy", "policy entropy (nats/token)"),
-              ("rollout/ref_nll", "rollouts' NLL under the reference (nats/token)"),
-              ("rep3_rate", "repeated 3-grams (fraction)")]
-    panels = [(k, label) for k, label in panels if k in rows[0]]
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
-    for ax, (key, label) in zip(axes.flat, panels):
-        ax.plot(it, [r[key] for r in rows], marker=".")
-        ax.set_xlabel("PPO iteration")
-        ax.set_title(label, fontsize=10)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    if target_len is not None:
-        axes[0, 0].axhspan(target_len - band, target_len + band, color="green", alpha=0.15,
-                           label=f"{target_len} +- {band}")
-        axes[0, 0].axhline(target_len, color="gray", linestyle="--", linewidth=0.8)
-        axes[0, 0].legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return True

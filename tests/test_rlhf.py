@@ -435,12 +435,10 @@ def test_shuffled_batches_cover_each_epoch_once_in_full_batches():
     assert out == list(shuffled_batches(list(range(10)), 3, 2, seed=0))  # seeded
 
 
-def test_report_finds_the_peak_and_checks_the_targets(monkeypatch):
-    """evaluate.peaks: the checkpoint of highest gold along a run (from SFT), with its neighbours, and whether the
-    proxy still rises after it; evaluate.targets: met or not from the numbers."""
-    import sys
-    monkeypatch.setattr(sys, "argv", ["evaluate.py"])  # its settings are read from the command line on import
-    from evaluate import peaks, report_order, targets
+def test_report_finds_the_peak_and_checks_the_targets():
+    """report.peaks: the checkpoint of highest gold along a run (from SFT), with its neighbours, and whether the
+    proxy still rises after it; report.targets: met or not from the numbers."""
+    from report import peaks, report_order, targets
 
     def ev(name, gold, kl, rm, golds=None):
         return {"name": name, "gold": gold, "kl_sft": kl, "rm_score": rm, "golds": golds or [gold] * 4}
