@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from model import ModelArgs, Transformer
-from utils import atomic_write, load_checkpoint
+from checkpoint import load_checkpoint, load_model_state, model_args_from_checkpoint
+from utils import atomic_write
 
 MAGIC = 0x616B3432  # "ak42" in ASCII: llama2.c's versioned .bin header
 
@@ -276,53 +277,6 @@ def load_hf(folder: str) -> Transformer:
     model = Transformer(args)
     load_model_state(model, {k: v.float() for k, v in sd.items()})
     return model
-
-
-# -----------------------------------------------------------------------------
-# checkpoints of this repository (llama2.c's layout: model, model_args, iter_num, best_val_loss, config)
-
-def clean_state_dict(state_dict):
-    """Strip the prefixes that torch.compile ("_orig_mod.") and DDP ("module.") add to keys."""
-    out = {}
-    for k, v in state_dict.items():
-        for prefix in ("_orig_mod.", "module."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
-
-
-def model_args_from_checkpoint(checkpoint) -> ModelArgs:
-    """The ModelArgs a checkpoint was trained with. Checkpoints from before the tie_embeddings flag (and
-    llama2.c's) are tied unless their classifier differs from their embedding."""
-    fields = ModelArgs.__dataclass_fields__
-    args = {k: v for k, v in checkpoint["model_args"].items() if k in fields}
-    if "tie_embeddings" not in args:
-        sd = clean_state_dict(checkpoint["model"])
-        out = sd.get("output.weight")
-        args["tie_embeddings"] = out is None or torch.equal(out, sd["tok_embeddings.weight"])
-    return ModelArgs(**args)
-
-
-def load_model_state(model: Transformer, state_dict):
-    """Load a checkpoint's weights into model, refusing any that do not fit. A plain Transformer checkpoint
-    loads into a TransformerWithValueHead (the value head keeps its fresh init) and vice versa (it is
-    dropped). A tied model takes only a checkpoint whose classifier is its embedding (or absent)."""
-    state_dict = clean_state_dict(state_dict)
-    emb, out = state_dict.get("tok_embeddings.weight"), state_dict.get("output.weight")
-    if model.params.tie_embeddings and emb is not None:
-        if out is not None and not torch.equal(out, emb):
-            raise ValueError("the checkpoint has its own classifier (output.weight differs from tok_embeddings.weight) "
-                             "but the model ties them: build it with ModelArgs(tie_embeddings=False)")
-        state_dict["output.weight"] = emb  # some exporters keep only the embedding
-    if not model.params.tie_embeddings and out is None:
-        raise ValueError("the model has its own classifier but the checkpoint has no output.weight: "
-                         "build it with ModelArgs(tie_embeddings=True)")
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in missing if not k.startswith("value_head.")]
-    unexpected = [k for k in unexpected if not k.startswith("value_head.")]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
 
 
 def load_model(path: str):

@@ -10,19 +10,20 @@ import json
 import math
 import os
 import random
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
 
-from export import load_model, load_model_state, model_args_from_checkpoint
+from checkpoint import load_checkpoint, load_model_state, model_args_from_checkpoint, model_checkpoint, save_checkpoint
+from export import load_model
 from generate import compile_decode, generate_withcache
 from model import TransformerWithValueHead
 from ppo import logprobs_from_logits, repeated_ngram_rate
 from tasks import Example, gold_of, load_task
 from tokenizer import load_tokenizer
-from utils import atomic_write, fail, load_checkpoint, pick_device, save_checkpoint
+from utils import atomic_write, fail, pick_device
 
 
 # -----------------------------------------------------------------------------
@@ -101,8 +102,7 @@ def open_reward(reward, device="cpu"):
 def save_policy(model, path, **extra):
     """The checkpoint layout of train.py (model, model_args, iter_num, config), written atomically."""
     model.clear_caches()
-    save_checkpoint({"model": model.state_dict(), "model_args": asdict(model.params), "iter_num": 0,
-                     "best_val_loss": 0.0, "config": {}, **extra}, path)
+    save_checkpoint(model_checkpoint(model, **extra), path)
 
 
 def save_rl_checkpoint(model, out_dir, it, max_iters, save_interval, **extra):

@@ -31,12 +31,13 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import configurator
-from export import FormatError, load_model, load_model_state, model_args_from_checkpoint
+from checkpoint import load_checkpoint, load_model_state, model_args_from_checkpoint, model_checkpoint, save_checkpoint
+from export import FormatError, load_model
 from model import ModelArgs, Transformer, TransformerWithValueHead
 from tinystories import BatchStream, DataError, Task, file_sha256, read_meta
 from tokenizer import find_tokenizer, load_tokenizer
 from report import plot_ppo_metrics
-from utils import DTYPES, MetricsLog, cosine_lr, fail, load_checkpoint, pick_device, pick_dtype, save_checkpoint
+from utils import DTYPES, MetricsLog, cosine_lr, fail, pick_device, pick_dtype
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -370,9 +371,8 @@ def save(path, iter_num, best_val_loss, **extra):
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if device_type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "model_args": asdict(gptconf), "iter_num": iter_num, "best_val_loss": best_val_loss,
-                     "config": config, "resume": {"data": train_stream.state_dict(), "rng": rng}, **extra}, path)
+    save_checkpoint(model_checkpoint(raw_model, iter_num, best_val_loss, config, optimizer=optimizer.state_dict(),
+                                     resume={"data": train_stream.state_dict(), "rng": rng}, **extra), path)
     print(f"saved checkpoint {path}")
 
 

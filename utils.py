@@ -1,15 +1,13 @@
 """
-Small helpers every script shares: one-line errors, atomic file writes, safe checkpoint loading, device and
-dtype selection, the JSONL metrics log. (The tokenizer of a model: tokenizer.py; plots and reports: report.py.)
+Small helpers every script shares: one-line errors, atomic file writes, device and dtype selection, the JSONL
+metrics log. (Checkpoints: checkpoint.py; the tokenizer of a model: tokenizer.py; plots and reports: report.py.)
 """
 import contextlib
 import json
 import math
 import os
-import pickle
 import sys
 import tempfile
-import zipfile
 
 import torch
 
@@ -44,27 +42,6 @@ def atomic_write(path, mode="wb"):
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
-
-
-def save_checkpoint(obj, path):
-    with atomic_write(path) as f:
-        torch.save(obj, f)
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """torch.load with weights_only=True (a checkpoint can never run code), and one-line errors for a
-    missing, truncated or malicious file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported object"
-        raise ValueError(f"refusing to load {path}: it holds objects a weights-only load does not allow "
-                         f"({first[:160]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise ValueError(f"cannot read checkpoint {path}: truncated or not a PyTorch checkpoint "
-                         f"({str(e).splitlines()[0][:120]})") from None
 
 
 def pick_device(device="auto"):

@@ -78,10 +78,9 @@ def prepare_synthetic_data(root, vocab_size=300, stories_per_shard=200):
 @pytest.fixture(scope="session")
 def stories260k():
     """(model, tokenizer) of the published stories260K, in eval mode."""
-    from export import load_model_state, model_args_from_checkpoint
+    from checkpoint import load_checkpoint, load_model_state, model_args_from_checkpoint
     from model import Transformer
     from tokenizer import Tokenizer
-    from utils import load_checkpoint
     ckpt = load_checkpoint(shared_path("stories260K", "stories260K.pt"))
     model = Transformer(model_args_from_checkpoint(ckpt))
     load_model_state(model, ckpt["model"])

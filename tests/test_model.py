@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from export import load_model_state
+from checkpoint import load_model_state
 from generate import decode_step, generate, generate_withcache, prefill
 from model import ModelArgs, Transformer, TransformerWithValueHead, apply_rotary_emb, precompute_freqs_cis
 

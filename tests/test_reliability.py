@@ -12,6 +12,7 @@ import threading
 import pytest
 import torch
 
+import checkpoint
 import utils
 from conftest import REPO, run, script, shared_path
 from tinystories import DataError, download_file
@@ -61,7 +62,7 @@ def test_graceful_stop_and_exact_resume(data, tmp_path):
 
 def test_atomic_write_keeps_the_old_file_when_a_save_fails(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    utils.save_checkpoint({"v": torch.ones(3)}, str(path))
+    checkpoint.save_checkpoint({"v": torch.ones(3)}, str(path))
     good = path.read_bytes()
 
     def broken_replace(src, dst):
@@ -69,7 +70,7 @@ def test_atomic_write_keeps_the_old_file_when_a_save_fails(tmp_path, monkeypatch
 
     monkeypatch.setattr(utils.os, "replace", broken_replace)
     with pytest.raises(OSError, match="injected"):
-        utils.save_checkpoint({"v": torch.zeros(1000)}, str(path))
+        checkpoint.save_checkpoint({"v": torch.zeros(1000)}, str(path))
     assert path.read_bytes() == good
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
 
@@ -88,7 +89,7 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path):
     bad = tmp_path / "evil.pt"
     torch.save({"model": Evil(), "model_args": {}}, bad)
     with pytest.raises(ValueError, match="refusing to load"):
-        utils.load_checkpoint(str(bad))
+        checkpoint.load_checkpoint(str(bad))
     proc = run([script("sample.py"), f"--checkpoint={bad}"], check=False)
     assert proc.returncode == 1 and "refusing to load" in proc.stderr and "Traceback" not in proc.stderr
     assert not os.path.exists(MARKER)
