@@ -73,6 +73,7 @@ def main():
     rm = open_reward(reward, device)  # before the slower opening of the stage: a wrong path fails at once
     dev, enc, the_task, _, _ = open_stage(task, policy, tokenizer, data_dir, device, False, seed, reference)
     try:
+        # after open_stage has seeded the RNG: the fresh value head's initialisation is reproducible
         model = load_policy(policy, dev, value_head=True)
         model.detach_value = detach_value
         ref_model = load_policy(kl_reference or policy, dev).requires_grad_(False)
