@@ -45,7 +45,7 @@ def main():
     if pool_size < 1 or n_prompts < 1:
         fail(f"--pool_size and --n_prompts must be >= 1, got {pool_size}, {n_prompts}")
     dev, enc, the_task, model, decode_fn = open_stage(task, policy, tokenizer, data_dir, device, compile, seed,
-                                                      reference)
+                                                      reference, samples=n_prompts * pool_size, batch_size=batch_size)
     try:
         rm = load_reward_model(reward, dev)
         ref = the_task.reference() if task == "story" else None

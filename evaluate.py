@@ -62,7 +62,7 @@ def summarise(records, components):
 def evaluate():
     name_ = name or os.path.basename(os.path.dirname(os.path.abspath(policy)))
     dev, enc, the_task, model, decode_fn = open_stage(task, policy, tokenizer, data_dir, device, compile, seed,
-                                                      reference)
+                                                      reference, samples=n_prompts, batch_size=batch_size)
     try:
         sft_model = load_policy(sft, dev) if sft else None
         ref_model = the_task.reference() if task == "story" else load_policy(reference, dev) if reference else None

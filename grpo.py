@@ -66,7 +66,7 @@ def main():
         fail(f"--beta must be >= 0, got {beta}")
     rm = open_reward(reward, device)  # before the slower opening of the stage: a wrong path fails at once
     dev, enc, the_task, model, decode_fn = open_stage(task, policy, tokenizer, data_dir, device, compile, seed,
-                                                      reference)
+                                                      reference, samples=max_iters * prompts_per_iter * group_size)
     ref_model = load_policy(policy, dev).requires_grad_(False)  # open_stage has read it once already
     optimizer = model.configure_optimizers(0.0, learning_rate, (0.9, 0.95), dev.split(":")[0])
     os.makedirs(out_dir, exist_ok=True)

@@ -21,10 +21,10 @@ import torch
 import configurator
 from ppo import PPOConfig, PPOTrainer, ppo_iteration
 from generate import compile_decode
-from rlhf import (PromptStream, compile_auto, load_policy, open_reward, open_stage, reward_scores,
+from rlhf import (PromptStream, load_policy, open_reward, open_stage, reward_scores,
                   save_rl_checkpoint)
 from tasks import gold_of
-from utils import MetricsLog, cosine_lr, fail
+from utils import MetricsLog, cosine_lr, fail, should_compile
 
 # -----------------------------------------------------------------------------
 task = "story"  # story or instruct (tasks.py)
@@ -82,7 +82,9 @@ def main():
     if ref_model.params.vocab_size != model.params.vocab_size:
         fail(f"vocab mismatch: {kl_reference} has {ref_model.params.vocab_size} tokens, {policy} "
              f"{model.params.vocab_size}")
-    decode_fn = compile_decode(model) if compile_auto(compile, dev) else None
+    # the rollouts: one batch, up to max_gen_len decode calls per iteration
+    decode_fn = compile_decode(model) if should_compile(compile, dev, "decode", max_iters * the_task.max_gen_len) \
+        else None
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (0.9, beta2), dev.split(":")[0])
     trainer = PPOTrainer(ppoconf, model, ref_model, optimizer)
     stream = PromptStream(the_task)

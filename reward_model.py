@@ -93,8 +93,9 @@ def main():
         fail(f"--layout must be prompt_first or story_first, got {layout!r}")
     if samples_per_prompt < 2:
         fail(f"--samples_per_prompt must be >= 2 to make pairs, got {samples_per_prompt}")
-    dev, enc, the_task, model, decode_fn = open_stage(task, policy, tokenizer, data_dir, device, compile, seed,
-                                                      reference)
+    dev, enc, the_task, model, decode_fn = open_stage(
+        task, policy, tokenizer, data_dir, device, compile, seed, reference,
+        samples=(n_train_prompts + n_heldout_prompts) * samples_per_prompt)
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.time()
 

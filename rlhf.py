@@ -23,23 +23,19 @@ from model import TransformerWithValueHead
 from ppo import logprobs_from_logits, repeated_ngram_rate
 from tasks import Example, gold_of, load_task
 from tokenizer import load_tokenizer
-from utils import atomic_write, fail, pick_device
+from utils import atomic_write, fail, pick_device, should_compile
 
 
 # -----------------------------------------------------------------------------
 # opening a stage: one rule for every script
 
-def compile_auto(compile, device):
-    """--compile=auto for the chain's sampling: compile the decode step on a CPU (measured: it pays from a few
-    thousand decode steps, which every stage's sampling exceeds) and on CUDA; True/False as given."""
-    if compile not in (True, False, "auto"):
-        fail(f"--compile must be True, False or auto, got {compile!r}")
-    return compile is True or (compile == "auto" and device in ("cpu", "cuda"))
-
-
-def open_stage(task, policy, tokenizer, data_dir="", device="auto", compile="auto", seed=0, reference=""):
+def open_stage(task, policy, tokenizer, data_dir="", device="auto", compile="auto", seed=0, reference="",
+               samples=0, batch_size=64):
     """The device, tokenizer (its size checked against the policy's vocabulary), task, and policy of a stage,
-    with a one-line error and exit 1 on bad input. Returns (device, enc, task, policy, decode_fn)."""
+    with a one-line error and exit 1 on bad input. Returns (device, enc, task, policy, decode_fn): decode_fn is
+    the compiled decode step when the stage's sampling (`samples` responses in batches of `batch_size`) is long
+    enough for --compile=auto (utils.should_compile), else None."""
+    should_compile(compile, "cpu", "decode", 0)  # refuses a bad --compile before loading
     try:
         dev = pick_device(device)
         model = load_policy(policy, dev)
@@ -51,7 +47,8 @@ def open_stage(task, policy, tokenizer, data_dir="", device="auto", compile="aut
         the_task = load_task(task, enc, data_dir or None, seed=0, **options)
     except (FileNotFoundError, ValueError, KeyError) as e:
         fail(e)
-    decode_fn = compile_decode(model) if compile_auto(compile, dev) else None
+    decode_calls = -(-samples // batch_size) * the_task.max_gen_len
+    decode_fn = compile_decode(model) if should_compile(compile, dev, "decode", decode_calls) else None
     torch.manual_seed(seed)
     return dev, enc, the_task, model, decode_fn
 

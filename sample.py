@@ -8,7 +8,7 @@ Sample stories from a trained model with the KV-cache generator (generate.py).
     python sample.py --checkpoint=out/ckpt.pt --start=FILE:prompts.txt   # one prompt per line, batched
 
 Works the same on CPU, CUDA and MPS (--device=auto picks one). --compile=auto (the default) compiles the decode
-step (forward and sampling) when the run is long enough to pay for compiling (AUTO_COMPILE_STEPS decode steps);
+step (forward and sampling) when the run is long enough to pay for compiling (utils.should_compile);
 --compile=True always, --tokens_per_call=4 puts 4 decode steps in each compiled call.
 Stories go to stdout (separated by a line of dashes); speed and settings go to stderr.
 """
@@ -23,7 +23,7 @@ import configurator
 from export import FormatError, load_model
 from generate import compile_decode, generate_withcache
 from tokenizer import find_tokenizer, load_tokenizer
-from utils import DTYPES, fail, pick_device, pick_dtype
+from utils import DTYPES, fail, pick_device, pick_dtype, should_compile
 
 BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stories260K", "stories260K.pt")
 
@@ -40,14 +40,10 @@ top_p = 1.0  # nucleus sampling: keep the smallest set of tokens holding top_p o
 seed = 1337
 device = "auto"
 dtype = "auto"
-compile = "auto"  # torch.compile the decode step: auto = when the run has AUTO_COMPILE_STEPS decode steps or more
+compile = "auto"  # torch.compile the decode step: auto = for 8,000 decode steps or more (utils.should_compile)
 tokens_per_call = 1  # decode steps per compiled call: 4 is ~1.7x faster for tiny models at batch 1, compiles ~4x longer
 # -----------------------------------------------------------------------------
 overridden = configurator.apply_or_exit(globals(), sys.argv[1:])
-# Compiling the decode step costs ~30 s on a 2-core CPU with a cold inductor cache (~5 s warm) and saves 2.3 ms
-# per step for 260K at batch 1 (368 -> 2,252 tok/s), 7 ms for 15M (README "2. Sample"): with a cold cache it pays
-# from ~4,000-13,000 decode steps. A few stories (`python sample.py`: 256 steps) stay eager.
-AUTO_COMPILE_STEPS = 8000
 
 
 def main():
@@ -56,8 +52,7 @@ def main():
         print(f"{ckpt_path} not found: sampling from the bundled stories260K ({os.path.relpath(BUNDLED)})",
               file=sys.stderr)
         ckpt_path = BUNDLED
-    if compile not in ("auto", True, False):
-        fail(f"--compile must be auto, True or False, got {compile!r}")
+    should_compile(compile, "cpu", "decode", 0)  # refuses a bad --compile before loading
     for name in ("max_new_tokens", "num_samples", "tokens_per_call"):
         if globals()[name] < 1:
             fail(f"--{name} must be >= 1, got {globals()[name]}")
@@ -90,7 +85,7 @@ def main():
     generator = torch.Generator(device=dev).manual_seed(seed) if dev != "mps" else None
     stop = [t for t in (enc.bos_id, enc.eos_id) if t >= 0]  # a TinyStories story ends where the next begins
     groups = [prompt_tokens] if batch else [[p] for p in prompt_tokens]
-    use_compile = compile is True or (compile == "auto" and len(groups) * max_new_tokens >= AUTO_COMPILE_STEPS)
+    use_compile = should_compile(compile, dev, "decode", len(groups) * max_new_tokens)
     decode_fn = compile_decode(model) if use_compile else None
     outputs, t0 = [], time.time()
     try:

@@ -169,12 +169,14 @@ def pilot(task, n, policy_path, seed=0):
     the policy's samples for the same prompts. Returns {source: {component: mean}}."""
     from generate import compile_decode
     from rlhf import load_policy, sample_responses
+    from utils import should_compile
     examples = task.heldout_examples(n)
     real = [e.target[:MAX_GEN_LEN] + ([task.enc.bos_id] if len(e.target) <= MAX_GEN_LEN else [])
             for e in examples]
     policy = load_policy(policy_path)
+    compiled = should_compile("auto", "cpu", "decode", -(-n // 64) * task.max_gen_len)  # 64: the batch size
     samples = sample_responses(policy, examples, task.enc, task.max_gen_len, seed=seed,
-                               decode_fn=compile_decode(policy))
+                               decode_fn=compile_decode(policy) if compiled else None)
     rows = {}
     for source, responses in (("real continuations", real), ("pre-trained samples", samples)):
         comps = task.score(examples, responses)

@@ -19,7 +19,6 @@ The RLHF chain's PPO (a learned reward on the story or instruction task) is ppo_
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -37,7 +36,7 @@ from model import ModelArgs, Transformer, TransformerWithValueHead
 from tinystories import BatchStream, DataError, Task, file_sha256, read_meta
 from tokenizer import find_tokenizer, load_tokenizer
 from report import plot_ppo_metrics
-from utils import DTYPES, MetricsLog, cosine_lr, fail, pick_device, pick_dtype
+from utils import DTYPES, MetricsLog, cosine_lr, fail, pick_device, pick_dtype, should_compile
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -78,8 +77,8 @@ min_lr = 0.0
 # system
 device = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps
 dtype = "auto"  # auto (bfloat16 on CUDA if supported, else float32), float32, bfloat16, float16
-compile = "auto"  # torch.compile the model: auto = on CUDA; on a CPU for pre-training runs of >= 1,000 iterations
-# (and always the PPO rollouts' decode step); see AUTO_COMPILE_ITERS
+compile = "auto"  # torch.compile the training step (and PPO's decode step): auto = on CUDA, and on a CPU when the run
+# is long enough to repay compiling (utils.should_compile)
 seed = 1337
 # PPO (RLHF): reward = -|target_len - story length| / 100, see ppo.py
 ppo = False
@@ -122,8 +121,7 @@ if rollouts < 0:
     fail(f"--rollouts must be >= 0 (0: 8 x batch_size), got {rollouts}")
 if min_lr < 0 or lr_decay_iters < 0:
     fail(f"--min_lr and --lr_decay_iters must be >= 0, got --min_lr={min_lr} --lr_decay_iters={lr_decay_iters}")
-if compile not in ("auto", True, False):
-    fail(f"--compile must be auto, True or False, got {compile!r}")
+should_compile(compile, "cpu", "train", 0)  # refuses a bad --compile before anything is loaded
 lr_decay_iters = lr_decay_iters or max_iters  # ~= max_iters per Chinchilla
 
 # DDP: one process per device under torchrun
@@ -154,8 +152,9 @@ if ppo:  # every PPO setting is checked here, before anything is loaded
     try:
         ppoconf = PPOConfig(
             seed=seed + seed_offset, adap_kl_ctrl=adap_kl_ctrl, init_kl_coef=init_kl_coef, target=adap_kl_target,
-            horizon=kl_horizon, kl_penalty=kl_penalty, kl_mode=kl_mode, gamma=gamma, lam=lam, cliprange=cliprange,
-            cliprange_value=cliprange_value, vf_coef=vf_coef, batch_size=rollouts or 8 * batch_size, mini_batch_size=batch_size,
+            horizon=kl_horizon, kl_penalty=kl_penalty, kl_mode=kl_mode, gamma=gamma, lam=lam,
+            cliprange=cliprange, cliprange_value=cliprange_value, vf_coef=vf_coef, batch_size=rollouts or 8 * batch_size,
+            mini_batch_size=batch_size,
             gradient_accumulation_steps=gradient_accumulation_steps, ppo_epochs=ppo_epochs,
             max_grad_norm=grad_clip or None, early_stopping=True, target_kl=early_stop_kl, ptx_coef=ptx_coef)
     except ValueError as e:
@@ -169,12 +168,6 @@ torch.backends.cudnn.allow_tf32 = True
 device_type = "cuda" if "cuda" in device else "cpu"  # for torch.autocast
 ptdtype = DTYPES[dtype]
 ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
-use_compile = device_type == "cuda" if compile == "auto" else compile
-# On a CPU the compiled training step is 1.05-1.25x faster (bench/bench_train.py: 260K 16 x 512 and 15M 8 x 256,
-# dropout 0 and 0.05) after 13-65 s of compiling, so it pays from a few hundred iterations: auto compiles runs of
-# at least this many (inductor also needs a C++ compiler there). PPO's training forward is left to --compile=True
-# (the seed's command has it: its step 1.15x faster compiled, bench/bench_ppo.py); the CPU recipe was not measured.
-AUTO_COMPILE_ITERS = 1000
 
 # -----------------------------------------------------------------------------
 # model: from scratch, resumed from a checkpoint (a PPO run resumes its own ppo_ckpt.pt when present), or
@@ -295,8 +288,10 @@ ppo_state = checkpoint.get("ppo_state") if checkpoint is not None and resumed_pp
 checkpoint = None  # free up memory
 
 raw_model = model  # the plain module: checkpoints, generation, MFU
-if compile == "auto" and device == "cpu" and not ppo and not eval_only and max_iters - iter_num >= AUTO_COMPILE_ITERS:
-    use_compile = any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++"))
+# --compile=auto weighs the run's length: its training forward + backward passes, and PPO rollouts' decode calls
+remaining_iters = 0 if eval_only else max(0, max_iters - iter_num + 1)
+passes_per_iter = ppo_epochs * -(-ppoconf.batch_size // batch_size) if ppo else gradient_accumulation_steps
+use_compile = should_compile(compile, device, "train", remaining_iters * passes_per_iter)
 if use_compile:
     print("compiling the model... (takes a ~minute)")
     model = torch.compile(model)
@@ -331,8 +326,9 @@ if ppo:
         query_length.load_state_dict(ppo_state["query_length"])
         ppo_start_iter = ppo_state.get("start_iter", ppo_start_iter)
     reward_fn = LengthReward(target_len)
-    # the rollouts' decode step pays for its compile within one iteration, on CPU too
-    decode_fn = compile_decode(raw_model) if use_compile or compile == "auto" else None
+    # the rollouts: up to max_gen_len decode calls per iteration (all queries in one batch)
+    decode_fn = compile_decode(raw_model) if should_compile(compile, device, "decode", remaining_iters * max_gen_len) \
+        else None
 
 # -----------------------------------------------------------------------------
 # helpers (they read the setup above; the loops below own the state that changes)

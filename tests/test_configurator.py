@@ -1,7 +1,11 @@
+"""The command line: configurator.py's typed overrides and config files, and the one meaning of --compile."""
+import shutil
+
 import pytest
 
 import configurator
 from conftest import run, script
+from utils import COMPILE_PAYS_AFTER, should_compile
 
 
 def make_config():
@@ -62,3 +66,23 @@ def test_unknown_key_suggests_close_ones_in_one_short_line():
         configurator.apply(dict(c), ["--zzz=3"])
     assert "zzz" in str(e.value) and "did you mean" not in str(e.value) and len(str(e.value)) < 120
     assert configurator.apply(dict(c), ["--batch_size=3", "--out_dir=x"]) == {"batch_size", "out_dir"}
+
+
+def test_compile_auto_is_one_rule_on_the_run_length(monkeypatch, capsys):
+    """--compile=auto compiles a step only when the run repeats it COMPILE_PAYS_AFTER times, on CUDA or on a CPU
+    with a C++ compiler, never on MPS; True and False are obeyed whatever the run; anything else is refused."""
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
+    for step, pays in COMPILE_PAYS_AFTER.items():
+        for device in ("cpu", "cuda", "cuda:1"):
+            assert should_compile("auto", device, step, pays) is True
+            assert should_compile("auto", device, step, pays - 1) is False
+        assert should_compile("auto", "mps", step, 10 * pays) is False
+        assert should_compile(True, "cpu", step, 0) is True
+        assert should_compile(False, "cuda", step, 10 * pays) is False
+    assert COMPILE_PAYS_AFTER == {"train": 1000, "decode": 8000}  # the README's measured thresholds
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no C++ compiler for inductor
+    assert should_compile("auto", "cpu", "train", 10**6) is False
+    assert should_compile("auto", "cuda", "train", 10**6) is True
+    with pytest.raises(SystemExit):
+        should_compile("sometimes", "cpu", "decode", 0)
+    assert "--compile must be auto, True or False" in capsys.readouterr().err
