@@ -34,12 +34,21 @@ class PPOConfig:
     # passed to PPOTrainer owns the learning rate
     seed: int = 0
     adap_kl_ctrl: bool = True  # adaptive KL coefficient (Ziegler et al.) or a fixed one
+    # how the adaptive coefficient moves: "trl" (Ziegler et al.: x (1 +- 20%) per horizon, never reaching 0) or "dual"
+    # (the Lagrange multiplier of KL <= target: +- init_kl_coef x the relative error per horizon, down to 0)
+    adap_kl_rule: str = "trl"
     init_kl_coef: float = 0.2
     kl_penalty: str = "kl"  # in the reward: kl (k1): log p - log q; abs: |kl|; mse (k2): 0.5 kl^2; k3; full: exact KL
     # where the KL to the reference acts: "reward" (TRL: -kl_coef * kl on every response token, summed into the
     # returns) or "loss" (kl_coef * the k3 estimate per response token added to the loss, as GRPO does; the
     # reward is then the score alone, so the KL never pays a story for being short)
     kl_mode: str = "reward"
+    # the end-of-story token (train.py: BOS): needed for kl_on_stop=False and for the stop diagnostics (stop/*)
+    stop_token_id: Optional[int] = None
+    # False: the KL in the loss compares only what to write, the next-token distributions renormalised without the
+    # stop token, so it never pulls the decision to stop (the one a length reward judges) towards the reference's
+    # (README: that pull is what made the length creep above the target). Needs kl_mode="loss".
+    kl_on_stop: bool = True
     target: float = 6.0  # the adaptive controller's target KL (per sequence)
     horizon: float = 10000.0
     gamma: float = 1.0
@@ -64,6 +73,10 @@ class PPOConfig:
             raise ValueError(f"kl_penalty must be one of {', '.join(KL_ESTIMATORS)}, got {self.kl_penalty!r}")
         if self.kl_mode not in ("reward", "loss"):
             raise ValueError(f"kl_mode must be reward or loss, got {self.kl_mode!r}")
+        if self.adap_kl_rule not in ("trl", "dual"):
+            raise ValueError(f"adap_kl_rule must be trl or dual, got {self.adap_kl_rule!r}")
+        if not self.kl_on_stop and self.kl_mode != "loss":
+            raise ValueError("kl_on_stop=False needs kl_mode='loss' (in the reward the KL always charges stopping)")
         for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PPOConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -139,6 +152,20 @@ class AdaptiveKLController:
     def update(self, current, n_steps):
         proportional_error = min(max(current / self.target - 1, -0.2), 0.2)
         self.value *= 1 + proportional_error * n_steps / self.horizon
+
+
+class DualKLController:
+    """The KL coefficient as the Lagrange multiplier of the constraint KL <= target, by dual ascent: it rises while
+    the measured KL is over the target and falls while it is under, by gain x the relative error (clipped to +-1) per
+    horizon of samples, and stops at 0. Unlike the multiplicative rule it can reach 0, so once the KL is inside its
+    budget the penalty (and the pull towards the reference it brings) fades instead of lingering."""
+
+    def __init__(self, init_kl_coef, target, horizon):
+        self.value, self.target, self.horizon, self.gain = init_kl_coef, target, horizon, init_kl_coef
+
+    def update(self, current, n_steps):
+        error = min(max(current / self.target - 1, -1.0), 1.0)
+        self.value = max(0.0, self.value + self.gain * error * n_steps / self.horizon)
 
 
 class FixedKLController:
@@ -230,6 +257,12 @@ def kl_estimate(logprob, ref_logprob, kind="k1"):
     raise ValueError(f"KL estimator must be one of {', '.join(KL_ESTIMATORS)}, got {kind!r}")
 
 
+def without_stop(logprob, stop_logprob):
+    """log p(token | not stopping) = log p(token) - log(1 - p(stop)): a token's log-prob in the next-token
+    distribution renormalised without the stop token. Its gradient with respect to the stop logit is exactly 0."""
+    return logprob - torch.log1p(-torch.exp(stop_logprob.clamp(max=-1e-6)))
+
+
 def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
     """PPO's clipped surrogate -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A), averaged over the mask's tokens
     (0, not NaN, for an empty mask). advantages: per token (B, T) or per sequence (B,).
@@ -255,6 +288,8 @@ class PPOTrainer:
         ptx_loss_fn: () -> the language-model loss of a fresh pre-training batch (needed when ptx_coef > 0)."""
         if config.ptx_coef > 0 and ptx_loss_fn is None:
             raise ValueError("PPOConfig.ptx_coef > 0 needs a ptx_loss_fn (the pre-training batches)")
+        if not config.kl_on_stop and config.stop_token_id is None:
+            raise ValueError("PPOConfig.kl_on_stop=False needs the stop_token_id")
         self.ptx_loss_fn = ptx_loss_fn
         self.config = config
         self.model, self.ref_model, self.optimizer = model, ref_model, optimizer
@@ -264,7 +299,8 @@ class PPOTrainer:
         self.device = next(model.parameters()).device
         self.autocast_dtype = autocast_dtype
         if config.adap_kl_ctrl:
-            self.kl_ctl = AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
+            rule = DualKLController if config.adap_kl_rule == "dual" else AdaptiveKLController
+            self.kl_ctl = rule(config.init_kl_coef, config.target, config.horizon)
         else:
             self.kl_ctl = FixedKLController(config.init_kl_coef)
         self.rng = torch.Generator().manual_seed(config.seed)  # minibatch order
@@ -290,15 +326,20 @@ class PPOTrainer:
 
     def batched_forward_pass(self, model, queries, responses, model_inputs, return_logits=False,
                              response_masks=None):
-        """Log-probs of each next token, values and response masks for the whole batch, computed in
-        mini_batch_size chunks. Index t of the outputs scores token t+1 given tokens 0..t."""
-        fbs = self.config.mini_batch_size
-        all_logprobs, all_logits, all_values, all_masks = [], [], [], []
+        """Log-probs of each next token, values, response masks and (with a stop_token_id) the log-prob of
+        stopping, for the whole batch, computed in mini_batch_size chunks. Index t of the outputs scores token
+        t+1 given tokens 0..t. Returns (logprobs, logits or None, values or None, masks, stop_logprobs or None)."""
+        fbs, stop = self.config.mini_batch_size, self.config.stop_token_id
+        all_logprobs, all_logits, all_values, all_masks, all_stop = [], [], [], [], []
         input_ids = model_inputs["input_ids"]
         for i in range(0, len(queries), fbs):
             ids = input_ids[i: i + fbs]
             logits, values = self._forward(model, ids)
-            logprobs = logprobs_from_logits(logits[:, :-1], ids[:, 1:])
+            logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+            logprobs = torch.gather(logp, 2, ids[:, 1:].unsqueeze(2)).squeeze(-1)  # = logprobs_from_logits
+            if stop is not None:
+                all_stop.append(logp[..., stop])
+            del logp
             masks = torch.zeros_like(logprobs)
             for j in range(len(ids)):
                 start = len(queries[i + j]) - 1  # the logprob of the first response token sits here
@@ -313,7 +354,8 @@ class PPOTrainer:
             if return_logits:
                 all_logits.append(logits[:, :-1])
         return (torch.cat(all_logprobs), torch.cat(all_logits) if return_logits else None,
-                torch.cat(all_values) if all_values else None, torch.cat(all_masks))
+                torch.cat(all_values) if all_values else None, torch.cat(all_masks),
+                torch.cat(all_stop) if all_stop else None)
 
     def _kl_penalty(self, logprob, ref_logprob):
         return kl_estimate(logprob, ref_logprob, self.config.kl_penalty)
@@ -350,9 +392,10 @@ class PPOTrainer:
         return values, advantages, returns
 
     def compute_loss(self, old_logprobs, values, logprobs, logits, vpreds, mask, advantages, returns,
-                     ref_logprobs=None):
+                     ref_logprobs=None, ref_stop_logprobs=None, is_stop=None):
         """PPO's clipped policy loss + vf_coef * clipped value loss (+ kl_coef * the per-token k3 KL estimate
-        to the reference with kl_mode="loss"). Returns (loss, stats)."""
+        to the reference with kl_mode="loss"; with kl_on_stop=False, of the distributions without the stop token,
+        over the tokens that are not the stop: ref_stop_logprobs and is_stop, (B, T)). Returns (loss, stats)."""
         cfg = self.config
         vpredclipped = clip_by_value(vpreds, values - cfg.cliprange_value, values + cfg.cliprange_value)
         vf_losses1 = (vpreds - returns) ** 2
@@ -367,7 +410,13 @@ class PPOTrainer:
         if cfg.kl_mode == "loss":
             # k3 >= 0 pulls each token's distribution towards the reference's without crediting a shorter
             # story with less KL
-            kl_loss = masked_mean(kl_estimate(logprobs, ref_logprobs, "k3"), mask)
+            if cfg.kl_on_stop:
+                kl_loss = masked_mean(kl_estimate(logprobs, ref_logprobs, "k3"), mask)
+            else:
+                stop_logprobs = F.log_softmax(logits.float(), dim=-1)[..., cfg.stop_token_id]
+                kl_loss = masked_mean(kl_estimate(without_stop(logprobs, stop_logprobs),
+                                                  without_stop(ref_logprobs, ref_stop_logprobs), "k3"),
+                                      mask * ~is_stop)
             loss = loss + self.kl_ctl.value * kl_loss
         avg_ratio = masked_mean(ratio, mask).item()
         skipped = avg_ratio > cfg.ratio_threshold
@@ -413,9 +462,9 @@ class PPOTrainer:
         full_kl = cfg.kl_penalty == "full"
 
         with torch.no_grad():
-            logprobs, logits, values, masks = self.batched_forward_pass(
+            logprobs, logits, values, masks, stop_logprobs = self.batched_forward_pass(
                 self.model, queries, responses, model_inputs, return_logits=full_kl, response_masks=response_masks)
-            ref_logprobs, ref_logits, _, _ = self.batched_forward_pass(
+            ref_logprobs, ref_logits, _, _, ref_stop_logprobs = self.batched_forward_pass(
                 self.ref_model, queries, responses, model_inputs, return_logits=full_kl, response_masks=response_masks)
         timing["time/ppo/forward_pass"] = time.time() - t
         t = time.time()
@@ -431,6 +480,7 @@ class PPOTrainer:
 
         t = time.time()
         input_ids = model_inputs["input_ids"]
+        is_stop = input_ids[:, 1:] == cfg.stop_token_id if cfg.stop_token_id is not None else None
         all_stats = []
         for epoch in range(cfg.ppo_epochs):
             epoch_stats = []
@@ -445,7 +495,9 @@ class PPOTrainer:
                     mb_logprobs = logprobs_from_logits(mb_logits[:, :-1], input_ids[mb, 1:])
                     loss, train_stats = self.compute_loss(
                         logprobs[mb], values[mb], mb_logprobs, mb_logits[:, :-1], vpreds[:, :-1].float(), masks[mb],
-                        advantages[mb], returns[mb], ref_logprobs[mb])
+                        advantages[mb], returns[mb], ref_logprobs[mb],
+                        None if ref_stop_logprobs is None else ref_stop_logprobs[mb],
+                        None if is_stop is None else is_stop[mb])
                     if cfg.ptx_coef > 0:  # keep the pre-training distribution while chasing the reward
                         with self.autocast():
                             ptx_loss = self.ptx_loss_fn()
@@ -470,6 +522,10 @@ class PPOTrainer:
 
         t = time.time()
         stats = self.record_step_stats(scores, logprobs, ref_logprobs, non_score_reward, masks, all_stats)
+        if cfg.stop_token_id is not None:  # the batch as the step saw it, for stop_diagnostics
+            self.last_batch = dict(logprobs=logprobs, ref_logprobs=ref_logprobs, stop_logprobs=stop_logprobs,
+                                   ref_stop_logprobs=ref_stop_logprobs, is_stop=is_stop, masks=masks, values=values,
+                                   returns=returns, advantages=advantages, kl_coef=float(self.kl_ctl.value))
         stats["ppo/epochs"] = float(epoch + 1)
         stats["ppo/learning_rate"] = float(self.optimizer.param_groups[0]["lr"])
         # the measured KL moves the coefficient for the next step (the reference never updated it)
@@ -501,6 +557,46 @@ class PPOTrainer:
         return stats
 
 
+def stop_diagnostics(batch, target_length, kl_on_stop=True, kl_mode="loss", width=10):
+    """What acts on the decision to stop near a target story length, from one step's batch (PPOTrainer.last_batch,
+    before the step's updates): at response positions where stopping gives a story within target_length +- width,
+    the policy's and the reference's probability of stopping, and the derivative of the loss with respect to the
+    stop logit summed there (per response token, as the losses average), split into the policy gradient's part
+    -A (1[stop] - p) and the k3 KL-in-the-loss part kl_coef (pi_ref/pi - 1)(p - 1[stop]) (0 with kl_on_stop=False:
+    the stop logit has no gradient). Positive: gradient descent lowers the stop logit, i.e. stories get longer.
+    Also the mean advantage of the stop tokens by where they end, the value error over each response's last 10
+    tokens, the exact KL of the stop decisions per story, and kl_coef x the KL per response token (beta * k)."""
+    masks, is_stop = batch["masks"], batch["is_stop"].float()
+    p, q = batch["stop_logprobs"].exp(), batch["ref_stop_logprobs"].exp()
+    story_len = torch.arange(1, masks.size(1) + 1, device=masks.device).expand_as(masks)  # stopping after token t
+    near = masks * ((story_len - target_length).abs() <= width)
+    n_tokens = masks.sum().clamp(min=1)
+    adv, beta = batch["advantages"], batch["kl_coef"]
+    grad_pg = (-adv * (is_stop - p) * near).sum() / n_tokens
+    ratio = torch.exp(batch["ref_logprobs"] - batch["logprobs"])
+    grad_kl = (beta * (ratio - 1) * (p - is_stop) * near).sum() / n_tokens if kl_on_stop and kl_mode == "loss" \
+        else torch.zeros(())
+    ended = masks * is_stop
+
+    def mean_adv(where):
+        return (adv * where).sum().item() / max(1.0, where.sum().item())
+    last10 = masks * (masks.flip(1).cumsum(1).flip(1) <= 10)
+    eps = 1e-12
+    stop_kl = (p * (torch.log(p + eps) - torch.log(q + eps))
+               + (1 - p) * (torch.log1p(-p + eps) - torch.log1p(-q + eps))) * masks
+    kl_per_story = ((batch["logprobs"] - batch["ref_logprobs"]) * masks).sum(1).mean()
+    return {"stop/p_policy_near_target": (p * near).sum().item() / max(1.0, near.sum().item()),
+            "stop/p_ref_near_target": (q * near).sum().item() / max(1.0, near.sum().item()),
+            "stop/grad_pg_near_target": grad_pg.item(), "stop/grad_kl_near_target": grad_kl.item(),
+            "stop/adv_end_short": mean_adv(ended * (story_len < target_length - width)),
+            "stop/adv_end_near": mean_adv(ended * ((story_len - target_length).abs() <= width)),
+            "stop/adv_end_long": mean_adv(ended * (story_len > target_length + width)),
+            "stop/value_error_last10": (((batch["values"] - batch["returns"]) ** 2 * last10).sum()
+                                        / last10.sum().clamp(min=1)).item(),
+            "stop/kl_stop_decisions": stop_kl.sum(1).mean().item(),
+            "stop/beta_k": beta * (kl_per_story / masks.sum(1).mean().clamp(min=1)).item()}
+
+
 # -----------------------------------------------------------------------------
 # one iteration of the seed's loop (section 3.2.1): queries -> rollouts -> rewards -> PPO step
 
@@ -530,6 +626,10 @@ def ppo_iteration(trainer: PPOTrainer, policy, queries: List[List[int]], reward_
     stats = trainer.step([torch.tensor(q, device=device) for q in queries],
                          [torch.tensor(r, device=device) for r in responses],
                          [torch.tensor(s, device=device) for s in scores])
+    if trainer.config.stop_token_id is not None and hasattr(reward_fn, "target_length"):
+        cfg = trainer.config
+        stats.update(stop_diagnostics(trainer.last_batch, reward_fn.target_length, cfg.kl_on_stop, cfg.kl_mode))
+        del trainer.last_batch
     n = len(queries)
     length_mean = sum(lengths) / n
     stories = [q + r[:len(r) - e] for q, r, e in zip(queries, responses, ended)]

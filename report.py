@@ -1,11 +1,12 @@
 """
-Plots and reports: the PPO curves of train.py --ppo=True (plot_ppo_metrics), and the RLHF chain's report
-(build_report: report.json, report.md and the over-optimisation figure from a folder of evaluate.py results, the
-reward model's rm.json, best_of_n.py's bon.json and the pilot). matplotlib is optional: without it the tables are
-still written and the plots are skipped.
+Plots and reports: the PPO curves of train.py --ppo=True (plot_ppo_metrics; several runs: plot_ppo_runs), and
+the RLHF chain's report (build_report: report.json, report.md and the over-optimisation figure from a folder of
+evaluate.py results, the reward model's rm.json, best_of_n.py's bon.json and the pilot). matplotlib is optional:
+without it the tables are still written and the plots are skipped.
 
     python evaluate.py --report=out/rlhf     # the chain's report (rlhf_cpu.sh runs it last)
     python -c "import report; report.plot_ppo_metrics('stories260K/metrics.jsonl', 'ppo.png', 200)"
+    python bench/ppo_summary.py --targets --plot=seeds.png "seed 1=s1/metrics.jsonl" ...   # plot_ppo_runs
 """
 import glob
 import json
@@ -62,6 +63,37 @@ def plot_ppo_metrics(metrics_path, png_path, target_len=None, band=10):
         axes[0, 0].axhline(target_len, color="gray", linestyle="--", linewidth=0.8)
         axes[0, 0].legend()
     fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_ppo_runs(runs, png_path, target_len, band=10, outer=20):
+    """Several PPO runs (e.g. seeds) on one figure, {label: metrics.jsonl}: the mean length with the band and the outer
+    band, the KL to the reference, the KL coefficient and the entropy. Returns False without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    panels = [("length_mean", "mean story length (tokens)"), ("kl_ref", "KL to the reference (nats/story)"),
+              ("kl_coef", "KL coefficient beta"), ("entropy", "policy entropy (nats/token)")]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.8))
+    for label, path in runs.items():
+        with open(path) as f:
+            rows = [r for r in map(json.loads, f) if "reward_mean" in r]
+        it = [r["iter"] - rows[0]["iter"] for r in rows]
+        for ax, (key, _) in zip(axes, panels):
+            ax.plot(it, [r.get(key, math.nan) for r in rows], linewidth=1.2, label=label)
+    for ax, (_, title) in zip(axes, panels):
+        ax.set_xlabel("PPO iteration")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].axhspan(target_len - outer, target_len + outer, color="orange", alpha=0.10, label=f"{target_len} ± {outer}")
+    axes[0].axhspan(target_len - band, target_len + band, color="green", alpha=0.18, label=f"{target_len} ± {band}")
+    axes[0].set_ylim(target_len - 3 * outer, target_len + 5 * outer)
+    axes[0].legend(handles=axes[0].patches, fontsize=8, loc="upper right")
+    axes[1].axhline(10, color="gray", linestyle="--", linewidth=0.8)
+    fig.legend(*axes[1].get_legend_handles_labels(), loc="lower center", ncol=min(len(runs), 4), fontsize=9)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return True

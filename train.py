@@ -90,9 +90,11 @@ ppo_epochs = 4
 init_kl_coef = 0.2  # beta of the per-token KL penalty against the frozen reference model
 adap_kl_ctrl = True  # adapt beta towards adap_kl_target (Ziegler et al. 2019)
 adap_kl_target = 6.0  # the KL to the reference (nats per story) the adaptive beta aims at (TRL: target)
+adap_kl_rule = "trl"  # trl: beta x (1 +- 20%) per horizon; dual: beta +- init_kl_coef per horizon, down to 0 (ppo.py)
 kl_horizon = 10000  # rollouts over which the adaptive beta may change by 20% (TRL: horizon)
 kl_penalty = "kl"  # the per-token KL in the reward: kl (log p - log q of the sampled token), abs, mse, full (exact)
 kl_mode = "reward"  # reward: -beta * KL in every token's reward (TRL); loss: beta * per-token KL in the loss (GRPO)
+kl_on_stop = True  # False (with kl_mode=loss): the KL leaves the decision to stop to the reward (ppo.PPOConfig)
 early_stop_kl = 1.0  # stop an iteration's PPO epochs once the policy KL exceeds 1.5x this (TRL: target_kl)
 vf_coef = 0.1
 cliprange = 0.2
@@ -151,8 +153,9 @@ if ppo:  # every PPO setting is checked here, before anything is loaded
     from ppo import LengthReward, LengthSampler, PPOConfig, PPOTrainer, ppo_iteration
     try:
         ppoconf = PPOConfig(
-            seed=seed + seed_offset, adap_kl_ctrl=adap_kl_ctrl, init_kl_coef=init_kl_coef, target=adap_kl_target,
-            horizon=kl_horizon, kl_penalty=kl_penalty, kl_mode=kl_mode, gamma=gamma, lam=lam,
+            seed=seed + seed_offset, adap_kl_ctrl=adap_kl_ctrl, adap_kl_rule=adap_kl_rule, init_kl_coef=init_kl_coef,
+            target=adap_kl_target, horizon=kl_horizon, kl_penalty=kl_penalty, kl_mode=kl_mode, kl_on_stop=kl_on_stop,
+            gamma=gamma, lam=lam,
             cliprange=cliprange, cliprange_value=cliprange_value, vf_coef=vf_coef, batch_size=rollouts or 8 * batch_size,
             mini_batch_size=batch_size,
             gradient_accumulation_steps=gradient_accumulation_steps, ppo_epochs=ppo_epochs,
@@ -317,6 +320,7 @@ if ppo:
         def ptx_loss_fn():  # the plain module: under DDP its gradients join the PPO loss's in one backward
             X, Y = train_stream.next()
             return raw_model(X, Y).loss
+    ppoconf.stop_token_id = enc.bos_id  # a story ends where the next begins
     ppo_trainer = PPOTrainer(ppoconf, model, ref_model, optimizer, scaler, ddp, autocast_dtype=ptdtype,
                              ptx_loss_fn=ptx_loss_fn)
     query_length = LengthSampler(0, start_len, seed=seed + seed_offset)

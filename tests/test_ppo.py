@@ -7,8 +7,8 @@ import torch
 from conftest import prepare_synthetic_data, run, script
 from generate import generate_withcache
 from model import ModelArgs, Transformer, TransformerWithValueHead
-from ppo import (AdaptiveKLController, FixedKLController, LengthReward, LengthSampler, PPOConfig, PPOTrainer,
-                 ppo_iteration,
+from ppo import (AdaptiveKLController, DualKLController, FixedKLController, LengthReward, LengthSampler, PPOConfig, PPOTrainer,
+                 ppo_iteration, stop_diagnostics, without_stop,
                  clip_by_value, entropy_from_logits, logprobs_from_logits, masked_mean, masked_var, masked_whiten,
                  repeated_ngram_rate)
 from utils import cosine_lr
@@ -161,6 +161,78 @@ def test_kl_in_the_loss_by_hand():
     assert plain.compute_loss(*args, ref_logprobs=ref)[0].item() == 0.0
 
 
+def test_kl_without_the_stop_token_by_hand():
+    """kl_on_stop=False: the k3 KL in the loss is taken between the next-token distributions renormalised without
+    the stop token, over the tokens that are not the stop; the stop logit gets no gradient from it at all, while
+    the other logits do, and with the stop token included (the default) the stop logit is pulled."""
+    stop = 2
+    logits = torch.tensor([[[0.3, -0.2, 1.0, 0.5], [0.1, 0.4, -0.5, 0.2], [0.0, 0.0, 2.0, 0.0]]], requires_grad=True)
+    ref_logits = torch.tensor([[[0.0, 0.1, -1.0, 0.3], [0.2, -0.1, 0.5, 0.0], [0.0, 0.5, 0.0, 0.0]]])
+    tokens = torch.tensor([[1, 3, stop]])  # the third position samples the stop
+    mask = torch.ones(1, 3)
+    ref_lp = logprobs_from_logits(ref_logits, tokens)
+    ref_stop = torch.log_softmax(ref_logits, -1)[..., stop]
+    zeros = torch.zeros(1, 3)
+    for kl_on_stop in (False, True):
+        lp = logprobs_from_logits(logits, tokens)
+        trainer = make_trainer(PPOConfig(batch_size=1, mini_batch_size=1, kl_mode="loss", init_kl_coef=1.0,
+                                         vf_coef=0.0, stop_token_id=stop, kl_on_stop=kl_on_stop))
+        loss, stats = trainer.compute_loss(lp.detach(), zeros, lp, logits, zeros, mask, zeros, zeros, ref_lp,
+                                           ref_stop, tokens == stop)
+        logits.grad = None
+        loss.backward()
+        if not kl_on_stop:  # by hand: renormalise both over the tokens 0, 1, 3; k3 at the first two positions
+            want = 0.0
+            for t in range(2):
+                q = torch.softmax(logits[0, t, [0, 1, 3]].detach(), -1)
+                q_ref = torch.softmax(ref_logits[0, t, [0, 1, 3]], -1)
+                i = [0, 1, 3].index(int(tokens[0, t]))
+                r = math.log(q_ref[i]) - math.log(q[i])
+                want += (math.exp(r) - r - 1) / 2
+            assert stats["loss"]["kl"].item() == pytest.approx(want, rel=1e-5)
+            assert logits.grad[..., stop].abs().max() < 1e-7 and logits.grad[0, :2].abs().sum() > 1e-3
+            assert logits.grad[0, 2].abs().max() < 1e-7  # the stop position itself is not in the KL
+        else:
+            assert logits.grad[..., stop].abs().max() > 1e-3
+    assert without_stop(torch.tensor([math.log(0.3)]), torch.tensor([math.log(0.4)])).item() == \
+        pytest.approx(math.log(0.5))
+    with pytest.raises(ValueError, match="kl_mode='loss'"):
+        PPOConfig(kl_on_stop=False)
+    with pytest.raises(ValueError, match="stop_token_id"):
+        make_trainer(PPOConfig(batch_size=1, mini_batch_size=1, kl_mode="loss", kl_on_stop=False))
+
+
+def test_stop_diagnostics_by_hand():
+    """The stop diagnostics of one row: response positions 1..4 (story lengths 2..5), target length 4 +- 1."""
+    masks = torch.tensor([[0.0, 1, 1, 1, 1]])
+    p = torch.tensor([[0.5, 0.1, 0.2, 0.4, 0.8]])
+    q = torch.tensor([[0.5, 0.1, 0.1, 0.2, 0.5]])
+    logprobs = torch.tensor([[0.0, -1.0, -1.0, -2.0, math.log(0.8)]])
+    ref_logprobs = torch.tensor([[0.0, -1.0, -1.5, -1.0, math.log(0.5)]])
+    is_stop = torch.tensor([[False, False, False, False, True]])  # stops after 5 tokens
+    adv = torch.tensor([[0.0, 0.3, -0.2, 0.5, -1.0]])
+    batch = dict(logprobs=logprobs, ref_logprobs=ref_logprobs, stop_logprobs=p.log(), ref_stop_logprobs=q.log(),
+                 is_stop=is_stop, masks=masks, values=torch.tensor([[0.0, 1, 1, 1, 1]]),
+                 returns=torch.tensor([[0.0, 1, 1, 1, 3]]), advantages=adv, kl_coef=0.5)
+    d = stop_diagnostics(batch, target_length=4, width=1)
+    near = [2, 3, 4]  # story lengths 3, 4, 5
+    assert d["stop/p_policy_near_target"] == pytest.approx((0.2 + 0.4 + 0.8) / 3)
+    assert d["stop/p_ref_near_target"] == pytest.approx((0.1 + 0.2 + 0.5) / 3)
+    s = [0.0, 0.0, 0.0, 0.0, 1.0]
+    pg = sum(-adv[0, t].item() * (s[t] - p[0, t].item()) for t in near) / 4
+    kl = sum(0.5 * (math.exp(ref_logprobs[0, t] - logprobs[0, t]) - 1) * (p[0, t].item() - s[t]) for t in near) / 4
+    assert d["stop/grad_pg_near_target"] == pytest.approx(pg, rel=1e-5)
+    assert d["stop/grad_kl_near_target"] == pytest.approx(kl, rel=1e-5)
+    assert stop_diagnostics(batch, 4, kl_on_stop=False, width=1)["stop/grad_kl_near_target"] == 0.0
+    assert d["stop/adv_end_near"] == pytest.approx(-1.0) and d["stop/adv_end_short"] == 0.0
+    assert d["stop/value_error_last10"] == pytest.approx(4 / 4)
+    binary = sum(a * math.log(a / b) + (1 - a) * math.log((1 - a) / (1 - b))
+                 for a, b in zip(p[0, 1:].tolist(), q[0, 1:].tolist()))
+    assert d["stop/kl_stop_decisions"] == pytest.approx(binary, rel=1e-4)
+    k1 = (logprobs - ref_logprobs)[0, 1:].sum().item()
+    assert d["stop/beta_k"] == pytest.approx(0.5 * k1 / 4, rel=1e-5)
+
+
 def test_empty_response_gets_no_score_and_does_not_crash():
     trainer = make_trainer(PPOConfig(batch_size=1, mini_batch_size=1))
     rewards, _ = trainer.compute_rewards(torch.tensor([5.0]), torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(1, 3))
@@ -268,6 +340,27 @@ def test_adaptive_kl_controller_moves_both_ways():
     fixed = FixedKLController(0.3)
     fixed.update(100.0, 400)
     assert fixed.value == 0.3
+
+
+def test_dual_kl_controller_by_hand():
+    """Dual ascent on KL <= target: beta += init_kl_coef x clip(KL / target - 1, -1, 1) x n / horizon, floored at 0,
+    and the trainer picks it with adap_kl_rule="dual"."""
+    ctl = DualKLController(0.1, target=8.0, horizon=512)
+    ctl.update(12.0, n_steps=128)  # error +0.5: 0.1 + 0.1 * 0.5 / 4
+    assert ctl.value == pytest.approx(0.1125)
+    ctl.update(40.0, n_steps=128)  # error +4, clipped to +1: + 0.025
+    assert ctl.value == pytest.approx(0.1375)
+    ctl.update(6.0, n_steps=256)  # error -0.25: - 0.1 * 0.25 / 2
+    assert ctl.value == pytest.approx(0.125)
+    for _ in range(6):  # no KL at all: -0.025 per step, then stuck at 0 rather than negative
+        ctl.update(0.0, n_steps=128)
+    assert ctl.value == 0.0
+    ctl.update(16.0, n_steps=128)  # and back up from 0 when the KL is over its budget
+    assert ctl.value == pytest.approx(0.025)
+    trainer = make_trainer(PPOConfig(batch_size=8, mini_batch_size=4, adap_kl_rule="dual", init_kl_coef=0.05))
+    assert isinstance(trainer.kl_ctl, DualKLController) and trainer.kl_ctl.value == 0.05
+    with pytest.raises(ValueError, match="adap_kl_rule"):
+        PPOConfig(adap_kl_rule="pid")
 
 
 @pytest.mark.parametrize("kwargs, message", [
