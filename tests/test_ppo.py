@@ -614,3 +614,41 @@ def test_train_py_ppo_refuses_max_iters_not_beyond_the_checkpoint(tiny_run, tmp_
              "--tokenizer=stories260K/tok512.model", "--device=cpu", "--compile=False"]
     proc = run([script("train.py"), *flags, "--max_iters=1"], env=env, check=False)
     assert proc.returncode == 1 and "--max_iters=1 is not beyond the checkpoint's iteration 98000" in proc.stderr
+
+
+def test_ppo_summary_checks_each_target_of_a_run(tmp_path):
+    """bench/ppo_summary.py --targets: the band reached within 1,000 rollouts, >= 40 consecutive iterations in it,
+    none outside target +- 20 after reaching it, final kl_ref <= 10 and entropy >= 1.0, learning rate >= 20% of its
+    peak after reaching it, loop <= 900 s; each checked on a hand-made metrics.jsonl."""
+    import importlib.util
+    import json
+    import os
+    spec = importlib.util.spec_from_file_location("ppo_summary", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "ppo_summary.py"))
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+
+    def write(name, lengths, lrs, kl=9.0, entropy=1.2, time_s=10.0):
+        path = tmp_path / name
+        with open(path, "w") as f:
+            for i, (n, lr) in enumerate(zip(lengths, lrs)):
+                f.write(json.dumps({"iter": 98000 + i, "reward_mean": -abs(n - 200) / 100, "length_mean": n,
+                                    "rollouts": 128, "lr": lr, "kl_ref": kl, "entropy": entropy, "time_s": time_s})
+                        + "\n")
+                if i % 5 == 0:  # evaluation rows have no reward_mean and are skipped
+                    f.write(json.dumps({"iter": 98000 + i, "val_loss": 1.6}) + "\n")
+        return str(path)
+
+    good = [300, 260, 230, 205] + [200 + (i % 5) for i in range(56)]  # in the band from index 3 (512 rollouts)
+    lrs = [1.5e-4, 1.2e-4, 9e-5] + [3.5e-5] * 57
+    s = summary.summarise(write("good.jsonl", good, lrs))
+    assert (s["reached"], s["rollouts"], s["longest"], s["left_after_reached"]) == (3, 512, 57, [])
+    assert s["lr_floor"] == pytest.approx(3.5e-5 / 1.5e-4) and s["seconds"] == 600
+    assert all(summary.check_targets(s).values())
+    bad = good[:30] + [215] + good[31:40] + [225] + good[41:]  # out of the band at 30, outside +- 20 at 40
+    s = summary.summarise(write("bad.jsonl", bad, [1.5e-4] * 3 + [2e-5] * 57, kl=10.5, entropy=0.9, time_s=16))
+    ok = summary.check_targets(s)
+    assert s["longest"] == 27 and s["left_after_reached"] == [40] and s["lr_floor"] == pytest.approx(2e-5 / 1.5e-4)
+    assert not any(ok[k] for k in ("held", "outer", "kl", "entropy", "lr", "time")) and ok["reached"]
+    late = summary.summarise(write("late.jsonl", [300] * 8 + good[3:], lrs))  # reached at index 8: 1,152 rollouts
+    assert late["rollouts"] == 1152 and not summary.check_targets(late)["reached"]
