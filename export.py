@@ -5,10 +5,11 @@ Move models between this repository, llama2.c and Hugging Face, in both directio
     python export.py model.bin --version 1 --checkpoint out/ckpt.pt    # fp32 with a versioned header
     python export.py model_q80.bin --version 2 --checkpoint out/ckpt.pt  # Q8_0 int8 (runq.c)
     python export.py hf_model --version -1 --checkpoint out/ckpt.pt    # a Hugging Face LlamaForCausalLM folder
+    python export.py model.gguf --checkpoint out/ckpt.pt [--dtype=fp16|q8_0]  # GGUF for llama.cpp (pip install gguf)
     python tokenizer.py --tokenizer-model=data/tok512.model            # the tokenizer for run.c
 
 Every script loads all of these formats through load_model(): a .pt checkpoint, a llama2.c .bin
-(versions 0, 1, 2) or a Hugging Face folder (config.json + safetensors), detected from the file itself.
+(versions 0, 1, 2), a GGUF file or a Hugging Face folder (config.json + safetensors), detected from the file itself.
 Meta/llama2.c rotate interleaved pairs in RoPE while Hugging Face rotates halves; the q/k weights are
 permuted on the way out and back, so logits agree to float precision.
 """
@@ -279,6 +280,157 @@ def load_hf(folder: str) -> Transformer:
     return model
 
 
+# -----------------------------------------------------------------------------
+# GGUF (llama.cpp, Ollama, LM Studio), through the GGML project's own `gguf` package (optional: pip install gguf)
+
+GGUF_DTYPES = {"fp32": "ALL_F32", "fp16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}  # --dtype -> gguf.LlamaFileType
+GGUF_QUANT = {"q8_0": "Q8_0"}  # --dtype -> gguf.GGMLQuantizationType of the matrices (32-value blocks)
+# our parameter names -> llama.cpp's tensor names (LLM_ARCH_LLAMA)
+GGUF_LAYER_NAMES = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
+                    "attention.wo": "attn_output", "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down",
+                    "feed_forward.w3": "ffn_up", "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise FormatError("GGUF needs the gguf package (the GGML project's reader and writer): pip install gguf") \
+            from None
+    return gguf
+
+
+def gguf_tensor_names(n_layers: int):
+    names = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+             "output.weight": "output.weight"}
+    for i in range(n_layers):
+        for ours, theirs in GGUF_LAYER_NAMES.items():
+            names[f"layers.{i}.{ours}.weight"] = f"blk.{i}.{theirs}.weight"
+    return names
+
+
+def export_gguf(model: Transformer, path: str, tokenizer_model: str, dtype: str = "fp32"):
+    """Write model as a GGUF file in llama.cpp's `llama` architecture, with the sentencepiece tokenizer embedded, so
+    that llama.cpp needs no other file. dtype: fp32; fp16 (every matrix); q8_0 (every matrix whose rows are a
+    multiple of Q8_0's 32-value blocks, the others fp16, as llama.cpp's own converter does). Norms stay fp32.
+    wq and wk are written as they are: llama.cpp rotates adjacent pairs for this architecture (LLAMA_ROPE_TYPE_NORM),
+    Meta's layout and ours. (Its converter permutes Hugging Face's q/k only to undo HF's rotate-half layout.)"""
+    gguf = _gguf()
+    from sentencepiece import SentencePieceProcessor
+    if dtype not in GGUF_DTYPES:
+        raise FormatError(f"GGUF --dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
+    p = model.params
+    sp = SentencePieceProcessor(model_file=tokenizer_model)
+    if sp.vocab_size() != p.vocab_size:
+        raise FormatError(f"vocab mismatch: {tokenizer_model} has {sp.vocab_size()} tokens, the model {p.vocab_size}")
+    tmp = path + ".tmp"
+    w = gguf.GGUFWriter(tmp, "llama")
+    w.add_name(os.path.splitext(os.path.basename(path))[0])
+    w.add_file_type(getattr(gguf.LlamaFileType, GGUF_DTYPES[dtype]))
+    w.add_context_length(p.max_seq_len)
+    w.add_embedding_length(p.dim)
+    w.add_block_count(p.n_layers)
+    w.add_feed_forward_length(p.hidden_dim)
+    w.add_head_count(p.n_heads)
+    w.add_head_count_kv(p.n_kv_heads)
+    w.add_key_length(p.head_dim)
+    w.add_value_length(p.head_dim)
+    w.add_rope_dimension_count(p.head_dim)
+    w.add_rope_freq_base(p.rope_theta)
+    w.add_layer_norm_rms_eps(p.norm_eps)
+    w.add_vocab_size(p.vocab_size)
+    # the tokenizer: llama.cpp's SPM model from the pieces, their scores and types
+    types = gguf.TokenType
+    w.add_tokenizer_model("llama")
+    w.add_token_list([sp.id_to_piece(i).encode("utf-8") for i in range(sp.vocab_size())])
+    w.add_token_scores([sp.get_score(i) for i in range(sp.vocab_size())])
+    w.add_token_types([types.UNKNOWN if sp.is_unknown(i) else types.CONTROL if sp.is_control(i) else
+                       types.BYTE if sp.is_byte(i) else types.UNUSED if sp.is_unused(i) else types.NORMAL
+                       for i in range(sp.vocab_size())])
+    for setter, token_id in ((w.add_bos_token_id, sp.bos_id()), (w.add_eos_token_id, sp.eos_id()),
+                             (w.add_unk_token_id, sp.unk_id())):
+        if token_id >= 0:
+            setter(token_id)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    names = gguf_tensor_names(p.n_layers)
+    for name, t in model.state_dict().items():
+        if name == "output.weight" and p.tie_embeddings:
+            continue  # llama.cpp uses token_embd when there is no output.weight
+        data = t.detach().float().cpu().numpy()
+        if data.ndim == 2 and dtype in GGUF_QUANT and data.shape[1] % 32 == 0:
+            qtype = getattr(gguf.GGMLQuantizationType, GGUF_QUANT[dtype])
+            w.add_tensor(names[name], gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(names[name], data.astype(np.float16) if data.ndim == 2 and dtype != "fp32" else data)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        w.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def gguf_fields(path: str):
+    """The metadata of a GGUF file as {key: value} and its reader (a one-line FormatError for anything else)."""
+    gguf = _gguf()
+    try:
+        reader = gguf.GGUFReader(path)
+        fields = {k: f.contents() for k, f in reader.fields.items()}
+        reader.tensors  # noqa: B018  (memory-mapped and checked against the file's size while reading)
+    except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on a damaged file
+        raise FormatError(f"{path}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})") \
+            from None
+    return fields, reader
+
+
+def load_gguf(path: str) -> Transformer:
+    """A GGUF file of llama.cpp's `llama` architecture (f32, f16, bf16 or q8_0 tensors, dequantised to float32)."""
+    gguf = _gguf()
+    fields, reader = gguf_fields(path)
+    arch = fields.get("general.architecture")
+    if arch != "llama":
+        raise FormatError(f"{path}: GGUF architecture {arch!r}, but only 'llama' is supported")
+    try:
+        n_heads = fields["llama.attention.head_count"]
+        dim = fields["llama.embedding_length"]
+        tensors = {t.name: t for t in reader.tensors}
+        vocab = fields.get("llama.vocab_size") or len(fields["tokenizer.ggml.tokens"])
+        args = ModelArgs(dim=dim, n_layers=fields["llama.block_count"], n_heads=n_heads,
+                         n_kv_heads=fields.get("llama.attention.head_count_kv", n_heads), vocab_size=vocab,
+                         hidden_dim=fields["llama.feed_forward_length"],
+                         max_seq_len=fields.get("llama.context_length", 2048),
+                         # GGUF stores these as float32: 7 significant digits give back the 1e-5 that was written
+                         norm_eps=float(f'{fields.get("llama.attention.layer_norm_rms_epsilon", 1e-5):.7g}'),
+                         rope_theta=float(f'{fields.get("llama.rope.freq_base", 10000.0):.7g}'),
+                         tie_embeddings="output.weight" not in tensors)
+    except KeyError as e:
+        raise FormatError(f"{path}: GGUF metadata lacks {e.args[0]}") from None
+    if args.head_dim != fields.get("llama.rope.dimension_count", args.head_dim):
+        raise FormatError(f"{path}: partial RoPE (rope.dimension_count != head_dim) is not supported")
+    supported = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16,
+                 gguf.GGMLQuantizationType.Q8_0}
+    sd = {}
+    for ours, theirs in gguf_tensor_names(args.n_layers).items():
+        if theirs not in tensors:
+            if ours == "output.weight":
+                continue
+            raise FormatError(f"{path}: GGUF tensor {theirs} is missing")
+        t = tensors[theirs]
+        if t.tensor_type not in supported:
+            raise FormatError(f"{path}: {theirs} is {t.tensor_type.name}; supported: F32, F16, BF16, Q8_0 "
+                              f"(re-export it with one of those)")
+        sd[ours] = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).copy())
+    model = Transformer(args)
+    load_model_state(model, sd)
+    return model
+
+
 def load_model(path: str):
     """Any supported checkpoint -> (Transformer in eval mode, the checkpoint's config dict or {})."""
     if os.path.isdir(path):
@@ -289,6 +441,8 @@ def load_model(path: str):
         raise FileNotFoundError(f"checkpoint {path} not found")
     with open(path, "rb") as f:
         first = f.read(4)
+    if first == b"GGUF":
+        return load_gguf(path).eval(), {}
     if first[:2] == b"PK":  # torch.save's zip container
         ckpt = load_checkpoint(path)
         if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
@@ -298,29 +452,41 @@ def load_model(path: str):
         return model.eval(), ckpt.get("config", {})
     if path.endswith(".bin") or (len(first) == 4 and struct.unpack("I", first)[0] == MAGIC):
         return load_bin(path).eval(), {}
-    raise FormatError(f"{path}: unknown format (expected a .pt checkpoint, a llama2.c .bin or a Hugging Face folder)")
+    raise FormatError(f"{path}: unknown format (expected a .pt checkpoint, a llama2.c .bin, a GGUF file or a Hugging "
+                      f"Face folder)")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("filepath", type=str, help="the output file (or folder, for --version -1)")
+    parser.add_argument("filepath", type=str, help="the output file (a .gguf path writes GGUF), or folder for --version -1")
     parser.add_argument("--version", default=0, type=int, help="0, 1, 2 (llama2.c) or -1 (Hugging Face)")
-    parser.add_argument("--dtype", type=str, default="fp32", choices=["fp32", "fp16", "bf16"],
-                        help="weights dtype of the Hugging Face export")
+    parser.add_argument("--dtype", type=str, default="fp32", choices=["fp32", "fp16", "bf16", "q8_0"],
+                        help="weights of the Hugging Face (fp32, fp16, bf16) or GGUF (fp32, fp16, q8_0) export")
+    parser.add_argument("--tokenizer", type=str, default="",
+                        help="GGUF: the sentencepiece model to embed (default: found next to the checkpoint or in data/)")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--checkpoint", type=str, help="a .pt, a llama2.c .bin or a Hugging Face folder")
     group.add_argument("--hf", type=str, help="a Hugging Face folder (same as --checkpoint)")
     args = parser.parse_args()
     if args.version not in (-1, 0, 1, 2):
         parser.error(f"--version must be 0, 1, 2 or -1 (Hugging Face), got {args.version}")
+    gguf_out = args.filepath.endswith(".gguf")
+    if (args.dtype == "q8_0" and not gguf_out) or (args.dtype == "bf16" and gguf_out):
+        parser.error(f"--dtype={args.dtype} is not available for {'GGUF' if gguf_out else 'this format'}: GGUF takes "
+                     f"fp32, fp16, q8_0; Hugging Face fp32, fp16, bf16")
     try:
-        model, _ = load_model(args.checkpoint or args.hf)
+        model, config = load_model(args.checkpoint or args.hf)
+        if gguf_out:
+            from tokenizer import find_tokenizer
+            tok = args.tokenizer or find_tokenizer(model.params.vocab_size, near=args.checkpoint or args.hf,
+                                                   config=config)
+            export_gguf(model, args.filepath, tok, args.dtype)
     except (FormatError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)
-    if args.version == -1:
+    if args.version == -1 and not gguf_out:
         export_hf(model, args.filepath, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype])
-    else:
+    elif not gguf_out:
         export_bin(model, args.filepath, args.version)
     print(f"wrote {args.filepath}")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import run, script
-from export import export_bin, export_hf
+from export import export_bin, export_gguf, export_hf
 from model import ModelArgs, Transformer
 
 pytestmark = pytest.mark.slow  # each test runs train.py (a few seconds to start)
@@ -23,9 +23,10 @@ def one_line_error(proc, *words):
 
 
 def test_init_from_an_untied_model_keeps_its_own_classifier(synthetic_data, tmp_path):
-    """A llama2.c .bin with a negative vocab and a Hugging Face folder with tie_word_embeddings=false: the
-    embedding and the classifier both arrive as they were (learning rate 0, so training changes nothing)."""
-    _, env = synthetic_data
+    """A llama2.c .bin with a negative vocab, a Hugging Face folder with tie_word_embeddings=false and a GGUF with an
+    output.weight: the embedding and the classifier both arrive as they were (learning rate 0, so training changes
+    nothing)."""
+    root, env = synthetic_data
     torch.manual_seed(0)
     source = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=4,
                                    max_seq_len=64, tie_embeddings=False))
@@ -34,6 +35,11 @@ def test_init_from_an_untied_model_keeps_its_own_classifier(synthetic_data, tmp_
     try:
         import safetensors  # noqa: F401
         formats["untied_hf"] = lambda p: export_hf(source, p)
+    except ImportError:
+        pass
+    try:
+        import gguf  # noqa: F401
+        formats["untied.gguf"] = lambda p: export_gguf(source, p, str(root / "data" / "tok300.model"))
     except ImportError:
         pass
     for name, write in formats.items():
