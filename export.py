@@ -327,18 +327,13 @@ def export_gguf(model: Transformer, path: str, tokenizer_model: str, dtype: str 
     w = gguf.GGUFWriter(tmp, "llama")
     w.add_name(os.path.splitext(os.path.basename(path))[0])
     w.add_file_type(getattr(gguf.LlamaFileType, GGUF_DTYPES[dtype]))
-    w.add_context_length(p.max_seq_len)
-    w.add_embedding_length(p.dim)
-    w.add_block_count(p.n_layers)
-    w.add_feed_forward_length(p.hidden_dim)
-    w.add_head_count(p.n_heads)
-    w.add_head_count_kv(p.n_kv_heads)
-    w.add_key_length(p.head_dim)
-    w.add_value_length(p.head_dim)
-    w.add_rope_dimension_count(p.head_dim)
-    w.add_rope_freq_base(p.rope_theta)
-    w.add_layer_norm_rms_eps(p.norm_eps)
-    w.add_vocab_size(p.vocab_size)
+    hyperparameters = {  # llama.<key> in the file
+        w.add_context_length: p.max_seq_len, w.add_embedding_length: p.dim, w.add_block_count: p.n_layers,
+        w.add_feed_forward_length: p.hidden_dim, w.add_head_count: p.n_heads, w.add_head_count_kv: p.n_kv_heads,
+        w.add_key_length: p.head_dim, w.add_value_length: p.head_dim, w.add_rope_dimension_count: p.head_dim,
+        w.add_rope_freq_base: p.rope_theta, w.add_layer_norm_rms_eps: p.norm_eps, w.add_vocab_size: p.vocab_size}
+    for setter, value in hyperparameters.items():
+        setter(value)
     # the tokenizer: llama.cpp's SPM model from the pieces, their scores and types
     types = gguf.TokenType
     w.add_tokenizer_model("llama")

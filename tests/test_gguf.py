@@ -80,6 +80,7 @@ def test_metadata_and_tokenizer_are_what_llama_cpp_reads(tmp_path):
                                                           "ffn_down", "ffn_up", "attn_norm", "ffn_norm")} <= names
 
 
+@pytest.mark.slow  # runs export.py and sample.py
 def test_the_bundled_model_through_gguf_prints_the_golden_story(tmp_path, greedy_text):
     """export.py writes the GGUF (a .gguf path selects the format, the tokenizer found next to the checkpoint) and
     sample.py reads it back: greedy from BOS, the golden story to the byte; q8_0 loads and samples too."""
@@ -105,7 +106,8 @@ def _other_arch(path):
     w.close()
 
 
-def test_bad_gguf_files_get_one_line_errors(tmp_path, monkeypatch):
+def bad_files(tmp_path, monkeypatch):
+    """(good, another architecture, truncated, Q4_0) GGUF files, each bad one checked to raise its FormatError."""
     model = small()
     good = tmp_path / "good.gguf"
     export_gguf(model, str(good), TOKENIZER)
@@ -126,6 +128,16 @@ def test_bad_gguf_files_get_one_line_errors(tmp_path, monkeypatch):
         export_gguf(Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=300, multiple_of=4)),
                     str(tmp_path / "v.gguf"), TOKENIZER)
     assert not (tmp_path / "v.gguf").exists() and not (tmp_path / "v.gguf.tmp").exists()
+    return good, other, truncated, q4
+
+
+def test_bad_gguf_files_are_refused_with_a_clear_error(tmp_path, monkeypatch):
+    bad_files(tmp_path, monkeypatch)
+
+
+@pytest.mark.slow  # runs sample.py and export.py on each bad file
+def test_bad_gguf_files_get_one_line_errors_from_the_scripts(tmp_path, monkeypatch):
+    good, other, truncated, q4 = bad_files(tmp_path, monkeypatch)
     for bad in (other, truncated, q4):
         proc = run([script("sample.py"), f"--checkpoint={bad}", f"--tokenizer={TOKENIZER}"], check=False)
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
