@@ -155,9 +155,22 @@ class ChunkedCausalAttention(torch.autograd.Function):
         return dq, dkT.transpose(-1, -2), dvT.transpose(-1, -2), None, None
 
 
-@torch.compiler.disable  # under torch.compile too: inductor would materialise the scores (a graph break per layer)
 def chunked_causal_attention(q, k, v, p):
+    if torch.compiler.is_compiling():  # eager under torch.compile too: inductor would materialise the scores
+        return _eager_under_compile(q, k, v, p)  # (a graph break per layer)
     B, H, T, D = q.shape
     keep = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     y = ChunkedCausalAttention.apply(q.view(B, k.size(1), H // k.size(1), T, D), k, v, p, keep)
     return y.reshape(B, H, T, -1)
+
+
+_eager_chunked = None
+
+
+def _eager_under_compile(q, k, v, p):
+    # torch.compiler.disable is applied here, on first use under compile, not as a decorator: decorating imports
+    # torch._dynamo, ~1.5 s of every script's start even when nothing is compiled
+    global _eager_chunked
+    if _eager_chunked is None:
+        _eager_chunked = torch.compiler.disable(chunked_causal_attention)
+    return _eager_chunked(q, k, v, p)

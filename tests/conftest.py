@@ -34,6 +34,36 @@ def run(args, cwd=None, env=None, check=True, timeout=600):
     return proc
 
 
+def run_in_process(args):
+    """run(args, check=False) for a command line that a script refuses before doing any work (a bad flag, a
+    missing or wrong file): the script runs here as __main__ (runpy) with that argv, and the result has the
+    exit status, stdout and stderr a process would give (an uncaught exception: status 1 and its traceback),
+    without a Python start and `import torch` per case. Environment variables are not applied: modules read
+    them once at import."""
+    import contextlib
+    import runpy
+    import traceback
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    argv, cwd = sys.argv, os.getcwd()
+    try:
+        sys.argv = [args[0], *args[1:]]
+        os.chdir(REPO)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(args[0], run_name="__main__")
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+            except Exception:
+                code = 1
+                traceback.print_exc()
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 def script(name):
     return os.path.join(REPO, name)
 

@@ -188,3 +188,25 @@ def test_training_through_the_chunks_gives_sdpa_loss_and_gradients(monkeypatch):
     assert torch.allclose(loss_a, loss_b, rtol=0, atol=1e-12)
     for a, b in zip(grads_a, grads_b):
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_under_torch_compile_the_chunks_run_eagerly_and_importing_the_model_does_not_load_dynamo():
+    """torch.compile traces the model around the chunked attention (one graph break per layer, the chunks run as
+    they are) rather than into it; and the marking happens at the first compiled call, so a script that compiles
+    nothing never pays the ~1.5 s import of torch._dynamo."""
+    import subprocess
+    import sys
+    probe = "import sys, model, generate, ppo, checkpoint, tokenizer; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=kernels.__file__[:-11])
+    assert out.stdout.strip() == "False", out.stderr
+    import torch._dynamo
+    cfg = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=8, max_seq_len=16)
+    m = Transformer(cfg)
+    x = torch.randint(0, 64, (2, 16))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(m)(x, x)
+    reasons = [str(r.reason) for r in explained.break_reasons]
+    assert len(reasons) == cfg.n_layers and all("skipped" in r for r in reasons), reasons
+    traced = " ".join(str(n.target) for g in explained.graphs for n in g.graph.nodes)
+    assert "softmax" not in traced  # the attention probabilities were never traced
+    torch._dynamo.reset()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run, script, shared_path
+from conftest import run, run_in_process, script, shared_path
 from export import FormatError, export_bin, export_hf, load_bin, load_hf, load_model
 from generate import generate_withcache
 from model import ModelArgs, Transformer
@@ -121,6 +121,6 @@ def test_bad_files_get_one_line_errors(tmp_path, stories260k):
     with pytest.raises(FormatError, match="version 9 is not supported"):
         load_bin(str(future))
     for bad in (truncated, junk):
-        proc = run([script("sample.py"), f"--checkpoint={bad}"], check=False)
+        proc = run_in_process([script("sample.py"), f"--checkpoint={bad}"])
         assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error:")
         assert "Traceback" not in proc.stderr

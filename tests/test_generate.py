@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from conftest import run, script, shared_path
+from conftest import run, run_in_process, script, shared_path
 from generate import compile_decode, decode_step, decode_tokens, generate, generate_withcache, sample_top_k_top_p
 from model import ModelArgs, Transformer
 
@@ -111,7 +111,7 @@ def test_sample_py_refuses_bad_sampling_flags():
                           ("--max_new_tokens=0", "--max_new_tokens must be >= 1"),
                           ("--tokens_per_call=0", "--tokens_per_call must be >= 1"),
                           ("--compile=sometimes", "--compile must be auto, True or False")):
-        proc = run([script("sample.py"), f"--checkpoint={ckpt}", flag], check=False)
+        proc = run_in_process([script("sample.py"), f"--checkpoint={ckpt}", flag])
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run, script
+from conftest import REPO, run, run_in_process, script
 from export import GGUF_QUANT, FormatError, export_gguf, gguf_fields, load_model
 from generate import generate_withcache
 from model import ModelArgs, Transformer
@@ -139,10 +139,10 @@ def test_bad_gguf_files_are_refused_with_a_clear_error(tmp_path, monkeypatch):
 def test_bad_gguf_files_get_one_line_errors_from_the_scripts(tmp_path, monkeypatch):
     good, other, truncated, q4 = bad_files(tmp_path, monkeypatch)
     for bad in (other, truncated, q4):
-        proc = run([script("sample.py"), f"--checkpoint={bad}", f"--tokenizer={TOKENIZER}"], check=False)
+        proc = run_in_process([script("sample.py"), f"--checkpoint={bad}", f"--tokenizer={TOKENIZER}"])
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    proc = run([script("export.py"), str(tmp_path / "x.gguf"), "--checkpoint", str(good), "--dtype=bf16"], check=False)
+    proc = run_in_process([script("export.py"), str(tmp_path / "x.gguf"), "--checkpoint", str(good), "--dtype=bf16"])
     assert proc.returncode != 0 and "GGUF takes fp32, fp16, q8_0" in proc.stderr
 
 

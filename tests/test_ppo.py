@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import prepare_synthetic_data, run, script
+from conftest import run, script
 from generate import generate_withcache
 from model import ModelArgs, Transformer, TransformerWithValueHead
 from ppo import (AdaptiveKLController, DualKLController, FixedKLController, LengthReward, LengthSampler, PPOConfig, PPOTrainer,
@@ -524,13 +524,13 @@ def test_ppo_reaches_a_target_length_and_holds_it():
 # --- train.py --ppo=True, single process and torchrun ----------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """Generated TinyStories-like data, a tokenizer and a briefly pre-trained tiny model in out/ckpt.pt."""
-    root = tmp_path_factory.mktemp("ppo")
-    env = prepare_synthetic_data(root)
+def tiny_run(synthetic_data):
+    """The session's generated TinyStories-like data and tokenizer, and a briefly pre-trained tiny model in
+    ppo_base/ckpt.pt."""
+    root, env = synthetic_data
     model = ["--vocab_source=custom", "--vocab_size=300", "--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2",
              "--multiple_of=4", "--max_seq_len=128", "--device=cpu", "--compile=False"]
-    out = root / "out"
+    out = root / "ppo_base"
     run([script("train.py"), f"--out_dir={out}", *model, "--batch_size=16", "--gradient_accumulation_steps=1",
          "--max_iters=30", "--eval_interval=30", "--eval_iters=2", "--learning_rate=3e-3", "--warmup_iters=3"], env=env)
     return root, env, model
@@ -546,7 +546,7 @@ def test_train_py_ppo_runs_saves_and_resumes(tiny_run, tmp_path):
     import json
     root, env, model = tiny_run
     out = tmp_path / "out"
-    shutil.copytree(root / "out", out)
+    shutil.copytree(root / "ppo_base", out)
     # a cosine schedule over the PPO run's own iterations (30..33), not over the pre-training count
     schedule = ["--decay_lr=True", "--warmup_iters=0", "--min_lr=1e-4"]
     run([script("train.py"), f"--out_dir={out}", *model, *PPO_FLAGS, *schedule, "--max_iters=33", "--eval_interval=2"],
@@ -575,7 +575,7 @@ def test_train_py_ppo_runs_saves_and_resumes(tiny_run, tmp_path):
 def test_train_py_ppo_refuses_a_tokenizer_of_another_vocabulary(tiny_run, tmp_path):
     root, env, model = tiny_run
     out = tmp_path / "out"
-    shutil.copytree(root / "out", out)
+    shutil.copytree(root / "ppo_base", out)
     run([script("tinystories.py"), "train_vocab", "--vocab_size=320"], env={"DATA_CACHE_DIR": str(root / "data")})
     proc = run([script("train.py"), f"--out_dir={out}", *model, *PPO_FLAGS, "--max_iters=31",
                 f"--tokenizer={root / 'data' / 'tok320.model'}"], env=env, check=False)
@@ -586,7 +586,7 @@ def test_train_py_ppo_refuses_a_tokenizer_of_another_vocabulary(tiny_run, tmp_pa
 def test_torchrun_ppo_two_processes_keep_identical_weights(tiny_run, tmp_path):
     root, env, model = tiny_run
     out = tmp_path / "out"
-    shutil.copytree(root / "out", out)
+    shutil.copytree(root / "ppo_base", out)
     # train.py under torchrun; at the end it compares every rank's weights and fails if they differ
     proc = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script("train.py"),
                 f"--out_dir={out}", *model, *PPO_FLAGS, "--max_iters=31", "--eval_interval=1",

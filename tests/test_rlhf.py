@@ -7,11 +7,12 @@ import json
 import math
 import os
 import random
+import re
 
 import pytest
 import torch
 
-from conftest import REPO, run, script, shared_path
+from conftest import REPO, run, run_in_process, script, shared_path
 from instruct import (InstructData, WordStats, constraint_scores, gold, has_dialogue, prompt_text, relabel,
                       score_length, score_sentence, score_words, sentences_of, stem)
 from model import ModelArgs, TransformerWithValueHead
@@ -351,15 +352,29 @@ def test_make_batch_masks_everything_but_the_response():
 # -----------------------------------------------------------------------------
 # every stage, tiny and seeded, on the TinyStories excerpt
 
+def story_subset(folder, heldout=40, train=300):
+    """The first stories of the excerpt's held-out shard and of its first training shard: every stage judges or
+    samples from these, and the SFT stage scores all its training stories with the gold judge."""
+    source = shared_path("tinystories", "TinyStories_all_data")
+    folder.mkdir()
+    for name, n in (("data00.json", heldout), ("data01.json", train)):
+        with open(os.path.join(source, name)) as f:
+            stories = json.load(f)[:n]
+        with open(folder / name, "w") as f:
+            json.dump(stories, f)
+    return str(folder)
+
+
 @pytest.mark.slow
 def test_every_stage_runs_tiny_and_seeded(tmp_path):
-    data_dir = shared_path("tinystories", "TinyStories_all_data")
+    data_dir = story_subset(tmp_path / "stories")
     env = {"DATA_CACHE_DIR": str(tmp_path / "data")}
     common = [f"--data_dir={data_dir}", "--compile=False"]
     out = tmp_path / "rlhf"
     proc = run([script("sft.py"), f"--data_dir={data_dir}", f"--out_dir={out / 'sft'}", "--max_iters=4",
-                "--batch_size=4", "--eval_interval=2", "--top_fraction=0.01"], env=env)
-    assert "SFT on 24 of" in proc.stdout  # 1% of the ~2,450 training stories
+                "--batch_size=4", "--eval_interval=2", "--top_fraction=0.05"], env=env)
+    kept, of = map(int, re.search(r"SFT on (\d+) of (\d+) training stories", proc.stdout).groups())
+    assert 200 <= of <= 300 and kept == round(0.05 * of)  # the stories that make a prompt and fit, 5% kept
     sft = str(out / "sft" / "ckpt.pt")
     assert json.load(open(out / "sft" / "sft_data.json"))["kept_gold"] > json.load(open(out / "sft" / "sft_data.json"))["all_gold"]
     run([script("reward_model.py"), *common, f"--policy={sft}", f"--out_dir={out / 'rm'}", "--n_train_prompts=8",
@@ -419,7 +434,7 @@ def test_every_stage_runs_tiny_and_seeded(tmp_path):
 def test_bad_settings_are_refused_in_one_line(args, message):
     if any("../shared" in a for a in args):
         shared_path("llama2", "tokenizer.model")
-    proc = run([script(args[0]), *args[1:]], check=False)
+    proc = run_in_process([script(args[0]), *args[1:]])
     assert proc.returncode != 0
     lines = [x for x in proc.stderr.strip().splitlines() if not x.startswith("Overriding:")]
     assert message in proc.stderr and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr

@@ -3,7 +3,7 @@ run trains with, and one-line errors for bad PPO settings and unknown flags."""
 import pytest
 import torch
 
-from conftest import run, script
+from conftest import run, run_in_process, script
 from export import export_bin, export_gguf, export_hf
 from model import ModelArgs, Transformer
 
@@ -95,15 +95,15 @@ def test_a_resumed_run_keeps_its_context_and_init_from_takes_the_window(syntheti
     ("--lr_decay_iters=-5", ["--lr_decay_iters"]),
 ])
 def test_bad_ppo_settings_get_a_one_line_error(tmp_path, flag, names):
-    proc = run([script("train.py"), f"--out_dir={tmp_path}", *MODEL, "--ppo=True", flag], check=False)
+    proc = run_in_process([script("train.py"), f"--out_dir={tmp_path}", *MODEL, "--ppo=True", flag])
     one_line_error(proc, *names)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_an_unknown_flag_suggests_the_closest_known_ones(tmp_path):
-    proc = run([script("train.py"), f"--out_dir={tmp_path}", "--batch_sise=3"], check=False)
+    proc = run_in_process([script("train.py"), f"--out_dir={tmp_path}", "--batch_sise=3"])
     one_line_error(proc, "unknown config key --batch_sise", "did you mean --batch_size?")
-    proc = run([script("train.py"), f"--out_dir={tmp_path}", "--no_such_flag=1"], check=False)
+    proc = run_in_process([script("train.py"), f"--out_dir={tmp_path}", "--no_such_flag=1"])
     one_line_error(proc, "unknown config key --no_such_flag")
 
 
