@@ -190,6 +190,7 @@ def test_training_through_the_chunks_gives_sdpa_loss_and_gradients(monkeypatch):
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_under_torch_compile_the_chunks_run_eagerly_and_importing_the_model_does_not_load_dynamo():
     """torch.compile traces the model around the chunked attention (one graph break per layer, the chunks run as
     they are) rather than into it; and the marking happens at the first compiled call, so a script that compiles
