@@ -15,6 +15,7 @@ rewards and values into advantages; the loss is PPO's clipped policy loss + vf_c
 Used by `python train.py --ppo=True`, whose loop calls ppo_iteration() once per iteration; the pieces are
 importable for other rewards.
 """
+import math
 import random
 import time
 from contextlib import nullcontext
@@ -49,6 +50,10 @@ class PPOConfig:
     # stop token, so it never pulls the decision to stop (the one a length reward judges) towards the reference's
     # (README: that pull is what made the length creep above the target). Needs kl_mode="loss".
     kl_on_stop: bool = True
+    # bounds on the adaptive coefficient (README, "Holding the band"): where the length settles follows beta, so an
+    # unbounded controller that winds beta up after an overshoot of the KL, then down, moves the target with it
+    kl_coef_min: float = 0.0
+    kl_coef_max: Optional[float] = None
     target: float = 6.0  # the adaptive controller's target KL (per sequence)
     horizon: float = 10000.0
     gamma: float = 1.0
@@ -85,6 +90,9 @@ class PPOConfig:
         for name in ("init_kl_coef", "vf_coef", "target", "target_kl", "cliprange_value", "ptx_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"PPOConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.kl_coef_min <= self.init_kl_coef <= (self.kl_coef_max if self.kl_coef_max is not None else math.inf):
+            raise ValueError(f"PPOConfig needs kl_coef_min <= init_kl_coef <= kl_coef_max, got {self.kl_coef_min}, "
+                             f"{self.init_kl_coef}, {self.kl_coef_max}")
         if self.cliprange <= 0:
             raise ValueError(f"PPOConfig.cliprange must be > 0, got {self.cliprange}")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
@@ -529,11 +537,18 @@ class PPOTrainer:
         stats["ppo/epochs"] = float(epoch + 1)
         stats["ppo/learning_rate"] = float(self.optimizer.param_groups[0]["lr"])
         # the measured KL moves the coefficient for the next step (the reference never updated it)
-        self.kl_ctl.update(stats["objective/kl"], cfg.batch_size * self.world_size)
+        self.update_kl_coef(stats["objective/kl"], cfg.batch_size * self.world_size)
         timing["time/ppo/calc_stats"] = time.time() - t
         timing["time/ppo/total"] = time.time() - t_start
         stats.update(timing)
         return stats
+
+    def update_kl_coef(self, kl, n_rollouts):
+        """The controller's update, then the bounds: the value itself is clamped, so nothing winds up beyond them."""
+        cfg = self.config
+        self.kl_ctl.update(kl, n_rollouts)
+        self.kl_ctl.value = min(max(self.kl_ctl.value, cfg.kl_coef_min),
+                                cfg.kl_coef_max if cfg.kl_coef_max is not None else math.inf)
 
     def record_step_stats(self, scores, logprobs, ref_logprobs, non_score_reward, masks, train_stats):
         kl = ((logprobs - ref_logprobs) * masks).sum(dim=1)  # per sequence

@@ -92,6 +92,8 @@ adap_kl_ctrl = True  # adapt beta towards adap_kl_target (Ziegler et al. 2019)
 adap_kl_target = 6.0  # the KL to the reference (nats per story) the adaptive beta aims at (TRL: target)
 adap_kl_rule = "trl"  # trl: beta x (1 +- 20%) per horizon; dual: beta +- init_kl_coef per horizon, down to 0 (ppo.py)
 kl_horizon = 10000  # rollouts over which the adaptive beta may change by 20% (TRL: horizon)
+kl_coef_min = 0.0  # bounds on the adaptive beta (ppo.PPOConfig): it never leaves [kl_coef_min, kl_coef_max]
+kl_coef_max = 0.0  # 0: no upper bound
 kl_penalty = "kl"  # the per-token KL in the reward: kl (log p - log q of the sampled token), abs, mse, full (exact)
 kl_mode = "reward"  # reward: -beta * KL in every token's reward (TRL); loss: beta * per-token KL in the loss (GRPO)
 kl_on_stop = True  # False (with kl_mode=loss): the KL leaves the decision to stop to the reward (ppo.PPOConfig)
@@ -154,8 +156,8 @@ if ppo:  # every PPO setting is checked here, before anything is loaded
     try:
         ppoconf = PPOConfig(
             seed=seed + seed_offset, adap_kl_ctrl=adap_kl_ctrl, adap_kl_rule=adap_kl_rule, init_kl_coef=init_kl_coef,
-            target=adap_kl_target, horizon=kl_horizon, kl_penalty=kl_penalty, kl_mode=kl_mode, kl_on_stop=kl_on_stop,
-            gamma=gamma, lam=lam,
+            kl_coef_min=kl_coef_min, kl_coef_max=kl_coef_max or None, target=adap_kl_target, horizon=kl_horizon,
+            kl_penalty=kl_penalty, kl_mode=kl_mode, kl_on_stop=kl_on_stop, gamma=gamma, lam=lam,
             cliprange=cliprange, cliprange_value=cliprange_value, vf_coef=vf_coef, batch_size=rollouts or 8 * batch_size,
             mini_batch_size=batch_size,
             gradient_accumulation_steps=gradient_accumulation_steps, ppo_epochs=ppo_epochs,

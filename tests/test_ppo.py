@@ -363,6 +363,35 @@ def test_dual_kl_controller_by_hand():
         PPOConfig(adap_kl_rule="pid")
 
 
+def test_kl_coefficient_bounds_hold_after_each_update():
+    """kl_coef_min/max clamp the adaptive beta after every update, for either rule, and step() updates through them."""
+    def trainer(rule, **bounds):
+        return make_trainer(PPOConfig(batch_size=8, mini_batch_size=4, adap_kl_rule=rule, init_kl_coef=0.1,
+                                      target=8.0, horizon=512, **bounds))
+    t = trainer("trl", kl_coef_min=0.09, kl_coef_max=0.105)
+    t.update_kl_coef(12.0, 128)  # +0.5, clipped to +0.2: 0.1 x 1.05 = 0.105, at the ceiling
+    assert t.kl_ctl.value == pytest.approx(0.105)
+    t.update_kl_coef(12.0, 128)  # would be 0.11025: held at 0.105
+    assert t.kl_ctl.value == 0.105
+    for _ in range(3):  # error -1, clipped to -0.2: x 0.95 each, 0.105 -> 0.09975 -> 0.09476 -> 0.09002
+        t.update_kl_coef(0.0, 128)
+    assert t.kl_ctl.value == pytest.approx(0.105 * 0.95 ** 3)
+    t.update_kl_coef(0.0, 128)  # would be 0.08552
+    assert t.kl_ctl.value == 0.09  # held at the floor
+    t = trainer("dual", kl_coef_min=0.06, kl_coef_max=0.12)
+    t.update_kl_coef(40.0, 512)  # error clipped at +1: 0.1 + 0.1 = 0.2, held at 0.12
+    assert t.kl_ctl.value == 0.12
+    t.update_kl_coef(4.0, 256)  # error -0.5: 0.12 - 0.1 x 0.5 / 2 = 0.095
+    assert t.kl_ctl.value == pytest.approx(0.095)
+    t.update_kl_coef(0.0, 512)  # -0.1: held at 0.06
+    assert t.kl_ctl.value == 0.06
+    t = trainer("trl")  # unbounded, as before
+    t.update_kl_coef(12.0, 512)
+    assert t.kl_ctl.value == pytest.approx(0.12)
+    with pytest.raises(ValueError, match="kl_coef_min <= init_kl_coef <= kl_coef_max"):
+        PPOConfig(init_kl_coef=0.2, kl_coef_max=0.1)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(batch_size=10, mini_batch_size=4), "multiple of"),
     (dict(init_kl_coef=-0.1), "init_kl_coef must be >= 0"),

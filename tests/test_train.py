@@ -90,6 +90,7 @@ def test_a_resumed_run_keeps_its_context_and_init_from_takes_the_window(syntheti
     ("--lam=2", ["lam"]),
     ("--ppo_epochs=0", ["--ppo_epochs"]),
     ("--kl_horizon=0", ["horizon"]),
+    ("--kl_coef_min=0.5", ["kl_coef_min <= init_kl_coef <= kl_coef_max"]),
     ("--kl_mode=both", ["kl_mode", "reward or loss"]),
     ("--min_lr=-1e-4", ["--min_lr"]),
     ("--lr_decay_iters=-5", ["--lr_decay_iters"]),
