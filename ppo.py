@@ -17,6 +17,7 @@ importable for other rewards.
 """
 import math
 import random
+import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -650,6 +651,8 @@ def ppo_iteration(trainer: PPOTrainer, policy, queries: List[List[int]], reward_
     stories = [q + r[:len(r) - e] for q, r, e in zip(queries, responses, ended)]
     stats.update({"rollouts": n, "reward_mean": sum(scores) / n, "length_mean": length_mean,
                   "length_std": (sum((x - length_mean) ** 2 for x in lengths) / max(1, n - 1)) ** 0.5,
+                  # what -|target - length| rewards is the median at the target; the band is on the mean
+                  "length_median": statistics.median(lengths),
                   "ended_frac": sum(ended) / n,
                   "rep3_rate": sum(repeated_ngram_rate(s) for s in stories) / n,
                   "rollout_s": rollout_s, "rollout_tok_per_s": sum(len(r) for r in responses) / rollout_s, **extra})

@@ -318,7 +318,7 @@ def test_reference_nll_and_rollout_metrics_by_hand():
     finally:
         ppo_module.generate_withcache = real
     assert lengths == [6, 4, 3, 5]  # query + response, the end token not counted
-    assert stats["ended_frac"] == 0.5 and stats["length_mean"] == 4.5
+    assert stats["ended_frac"] == 0.5 and stats["length_mean"] == 4.5 and stats["length_median"] == 4.5
     assert stats["length_std"] == pytest.approx(math.sqrt(((6 - 4.5) ** 2 + 0.25 + 1.5 ** 2 + 0.25) / 3))
     # stories [1,5,6,5,6,5] (3-grams 156 565 656 565: one repeat of 4), [1,7,8,9] (0), [1,4,4] (0), [1,3,3,3,3] (1 of 3)
     assert stats["rep3_rate"] == pytest.approx((1 / 4 + 0 + 0 + 1 / 3) / 4)
