@@ -215,6 +215,15 @@ class LengthReward:
         return -abs(self.target_length - length) / 100
 
 
+def length_error_lr(length, target_length, learning_rate, min_lr, band, scale):
+    """The learning rate as a controller on the length error (README, "Holding the band"): min_lr while the mean
+    length of the rollouts about to be learnt from is within target_length +- band, rising linearly with the error
+    beyond the band to learning_rate at band + scale and above. Every seed approaches at the full rate however fast
+    its policy moves, and the rate is at its floor, never below, once there."""
+    excess = max(0.0, abs(length - target_length) - band)
+    return min_lr + (learning_rate - min_lr) * min(1.0, excess / scale)
+
+
 def repeated_ngram_rate(tokens, n=3):
     """The fraction of a sequence's n-grams that repeat an earlier n-gram of it (0 with fewer than two):
     degenerate text that loops scores high, the pre-trained model's stories score what they score."""
@@ -617,14 +626,16 @@ def stop_diagnostics(batch, target_length, kl_on_stop=True, kl_mode="loss", widt
 # one iteration of the seed's loop (section 3.2.1): queries -> rollouts -> rewards -> PPO step
 
 def ppo_iteration(trainer: PPOTrainer, policy, queries: List[List[int]], reward_fn: Callable[[int], float],
-                  max_gen_len: int, stop_id: int, decode_fn=None, score_fn=None) -> dict:
+                  max_gen_len: int, stop_id: int, decode_fn=None, score_fn=None,
+                  on_length: Optional[Callable[[float], None]] = None) -> dict:
     """Generate a response to each query with the KV-cache generator (temperature 1, no top-k/top-p, dropout
     off), score each story (query + response, without the end token) with reward_fn(length), and take one
     PPO step. policy: the plain module (trainer.model may be its compiled or DDP wrapper).
     A response that stopped keeps its end token: choosing to stop is the very action the length reward
     judges, so it must receive its share of the advantage. Returns step()'s stats plus the rollouts'.
     score_fn: instead of reward_fn(length), score_fn(responses, ended) -> (scores, extra stats) scores whole
-    rollouts (the gold judge or a reward model on the instruction task; responses keep their end token)."""
+    rollouts (the gold judge or a reward model on the instruction task; responses keep their end token).
+    on_length(mean story length) is called before the step (train.py sets the step's learning rate with it)."""
     device = trainer.device
     t0 = time.time()
     policy.eval()
@@ -639,6 +650,8 @@ def ppo_iteration(trainer: PPOTrainer, policy, queries: List[List[int]], reward_
         scores = [reward_fn(n) for n in lengths]
     else:
         scores, extra = score_fn(responses, ended)
+    if on_length is not None:
+        on_length(sum(lengths) / len(lengths))
     stats = trainer.step([torch.tensor(q, device=device) for q in queries],
                          [torch.tensor(r, device=device) for r in responses],
                          [torch.tensor(s, device=device) for s in scores])

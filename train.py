@@ -12,7 +12,7 @@ CPU (a laptop; tiny model, a couple of minutes):
 One GPU:        python train.py --compile=True
 Many GPUs:      torchrun --standalone --nproc_per_node=4 train.py   (DDP; gloo on CPU, NCCL on CUDA)
 PPO (RLHF), from out_dir/ckpt.pt (e.g. stories260K.pt copied there):
-    python train.py config/ppo_length_cpu.py     # the length experiment on a CPU in < 10 minutes
+    python train.py config/ppo_length_cpu.py     # the length experiment on a CPU in ~10 minutes, held on every seed
     python train.py --out_dir=stories260K --init_from=resume --ppo=True --batch_size=50 ... (the seed's; see README)
 The RLHF chain's PPO (a learned reward on the story or instruction task) is ppo_rlhf.py.
 """
@@ -96,6 +96,10 @@ kl_coef_min = 0.0  # bounds on the adaptive beta (ppo.PPOConfig): it never leave
 kl_coef_max = 0.0  # 0: no upper bound
 kl_penalty = "kl"  # the per-token KL in the reward: kl (log p - log q of the sampled token), abs, mse, full (exact)
 kl_mode = "reward"  # reward: -beta * KL in every token's reward (TRL); loss: beta * per-token KL in the loss (GRPO)
+# > 0: each iteration's learning rate follows its rollouts' length error instead of the schedule: min_lr inside
+# target_len +- lr_length_band, up to learning_rate at lr_length_band + lr_length_scale tokens off (ppo.length_error_lr)
+lr_length_scale = 0.0
+lr_length_band = 10.0
 kl_on_stop = True  # False (with kl_mode=loss): the KL leaves the decision to stop to the reward (ppo.PPOConfig)
 early_stop_kl = 1.0  # stop an iteration's PPO epochs once the policy KL exceeds 1.5x this (TRL: target_kl)
 vf_coef = 0.1
@@ -123,6 +127,10 @@ for _k in ("batch_size", "max_seq_len", "gradient_accumulation_steps", "eval_ite
         fail(f"--{_k} must be >= 1, got {globals()[_k]}")
 if rollouts < 0:
     fail(f"--rollouts must be >= 0 (0: 8 x batch_size), got {rollouts}")
+if lr_length_scale < 0 or lr_length_band < 0:
+    fail(f"--lr_length_scale and --lr_length_band must be >= 0, got {lr_length_scale} and {lr_length_band}")
+if lr_length_scale > 0 and not min_lr <= learning_rate:
+    fail(f"--lr_length_scale needs --min_lr <= --learning_rate, got {min_lr} and {learning_rate}")
 if min_lr < 0 or lr_decay_iters < 0:
     fail(f"--min_lr and --lr_decay_iters must be >= 0, got --min_lr={min_lr} --lr_decay_iters={lr_decay_iters}")
 should_compile(compile, "cpu", "train", 0)  # refuses a bad --compile before anything is loaded
@@ -152,7 +160,7 @@ else:
     master_process, seed_offset, ddp_world_size = True, 0, 1
 
 if ppo:  # every PPO setting is checked here, before anything is loaded
-    from ppo import LengthReward, LengthSampler, PPOConfig, PPOTrainer, ppo_iteration
+    from ppo import LengthReward, LengthSampler, PPOConfig, PPOTrainer, length_error_lr, ppo_iteration
     try:
         ppoconf = PPOConfig(
             seed=seed + seed_offset, adap_kl_ctrl=adap_kl_ctrl, adap_kl_rule=adap_kl_rule, init_kl_coef=init_kl_coef,
@@ -506,6 +514,13 @@ def ppo_loop(iter_num, best_reward):
                  "start_iter": ppo_start_iter}
         return {"best_reward": best_reward, "ppo_state": state}
 
+    def set_lr_by_length(length_mean):  # --lr_length_scale: the rollouts' length error sets their step's rate
+        nonlocal lr
+        length_mean = ppo_trainer._all_reduce_mean(length_mean)  # every rank sets the same rate
+        lr = length_error_lr(length_mean, target_len, learning_rate, min_lr, lr_length_band, lr_length_scale)
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
+
     while True:
         lr = get_lr(iter_num)
         for param_group in optimizer.param_groups:
@@ -526,7 +541,8 @@ def ppo_loop(iter_num, best_reward):
             break
 
         stats = ppo_iteration(ppo_trainer, raw_model, sample_queries(ppoconf.batch_size), reward_fn, max_gen_len,
-                              stop_id=enc.bos_id, decode_fn=decode_fn)
+                              stop_id=enc.bos_id, decode_fn=decode_fn,
+                              on_length=set_lr_by_length if lr_length_scale > 0 else None)
         if not math.isfinite(stats["ppo/loss/total"]):
             fail(f"non-finite PPO loss at iteration {iter_num}; nothing was saved after it: the last good checkpoint "
                  f"is {ppo_ckpt_path if os.path.exists(ppo_ckpt_path) else ckpt_path}. Try a lower --learning_rate")

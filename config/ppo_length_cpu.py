@@ -15,8 +15,11 @@
 #   192 rollouts per iteration, one epoch of three minibatches: the mean of 128 stories whose lengths spread by 45-60
 #     tokens misses 200 +- 10 by noise alone every few dozen iterations, and the third step narrows the spread
 #     sooner; the seed's 400 x 4 epochs take ~60 s per iteration here. lambda = 1: the score reaches every token.
-#   learning rate 1.5e-4, cosine-decayed to 4.5e-5 (30%) over the first 10 iterations, then constant: fast to the
-#     target, and still learning while it holds.
+#   learning rate by the length error (ppo.length_error_lr): 2e-4 while the rollouts' mean length is 60 or more
+#     tokens off, falling linearly to 4.5e-5 (22.5%) at 10 tokens off and held there inside the band: every seed
+#     approaches at the full rate however fast its policy moves (a cosine over 10 iterations brought one seed of
+#     five in only after 1,344 rollouts), the rate drops as soon as it arrives (less overshoot), and it never
+#     falls below its floor: the policy keeps learning while it holds.
 out_dir = "stories260K"
 init_from = "resume"
 ppo = True
@@ -37,11 +40,10 @@ batch_size = 64  # minibatch
 rollouts = 192
 ppo_epochs = 1
 lam = 1.0
-learning_rate = 1.5e-4
-decay_lr = True
-warmup_iters = 0
-lr_decay_iters = 98010  # cosine to min_lr over the first 10 iterations, then min_lr
+learning_rate = 2e-4
 min_lr = 4.5e-5
+lr_length_scale = 50.0  # the learning rate follows the length error, not a schedule
+lr_length_band = 10.0
 max_iters = 98059  # stories260K.pt is at iteration 98000: 60 PPO iterations
 init_kl_coef = 0.1
 adap_kl_ctrl = True
