@@ -94,10 +94,19 @@ def test_a_resumed_run_keeps_its_context_and_init_from_takes_the_window(syntheti
     ("--kl_mode=both", ["kl_mode", "reward or loss"]),
     ("--min_lr=-1e-4", ["--min_lr"]),
     ("--lr_decay_iters=-5", ["--lr_decay_iters"]),
+    ("--lr_length_scale=-1", ["--lr_length_scale"]),
+    ("--lr_length_band=-1", ["--lr_length_band"]),
 ])
 def test_bad_ppo_settings_get_a_one_line_error(tmp_path, flag, names):
     proc = run_in_process([script("train.py"), f"--out_dir={tmp_path}", *MODEL, "--ppo=True", flag])
     one_line_error(proc, *names)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_length_controller_refuses_a_floor_above_the_peak(tmp_path):
+    proc = run_in_process([script("train.py"), f"--out_dir={tmp_path}", *MODEL, "--ppo=True", "--lr_length_scale=50",
+                           "--learning_rate=1e-4", "--min_lr=2e-4"])
+    one_line_error(proc, "--lr_length_scale needs --min_lr <= --learning_rate")
     assert list(tmp_path.iterdir()) == []
 
 
