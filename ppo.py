@@ -650,8 +650,10 @@ def ppo_iteration(trainer: PPOTrainer, policy, queries: List[List[int]], reward_
         scores = [reward_fn(n) for n in lengths]
     else:
         scores, extra = score_fn(responses, ended)
+    n = len(queries)
+    length_mean = sum(lengths) / n
     if on_length is not None:
-        on_length(sum(lengths) / len(lengths))
+        on_length(length_mean)
     stats = trainer.step([torch.tensor(q, device=device) for q in queries],
                          [torch.tensor(r, device=device) for r in responses],
                          [torch.tensor(s, device=device) for s in scores])
@@ -659,8 +661,6 @@ def ppo_iteration(trainer: PPOTrainer, policy, queries: List[List[int]], reward_
         cfg = trainer.config
         stats.update(stop_diagnostics(trainer.last_batch, reward_fn.target_length, cfg.kl_on_stop, cfg.kl_mode))
         del trainer.last_batch
-    n = len(queries)
-    length_mean = sum(lengths) / n
     stories = [q + r[:len(r) - e] for q, r, e in zip(queries, responses, ended)]
     stats.update({"rollouts": n, "reward_mean": sum(scores) / n, "length_mean": length_mean,
                   "length_std": (sum((x - length_mean) ** 2 for x in lengths) / max(1, n - 1)) ** 0.5,

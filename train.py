@@ -12,7 +12,7 @@ CPU (a laptop; tiny model, a couple of minutes):
 One GPU:        python train.py --compile=True
 Many GPUs:      torchrun --standalone --nproc_per_node=4 train.py   (DDP; gloo on CPU, NCCL on CUDA)
 PPO (RLHF), from out_dir/ckpt.pt (e.g. stories260K.pt copied there):
-    python train.py config/ppo_length_cpu.py     # the length experiment on a CPU in ~10 minutes, held on every seed
+    python train.py config/ppo_length_cpu.py     # the length experiment on a CPU in ~9 minutes
     python train.py --out_dir=stories260K --init_from=resume --ppo=True --batch_size=50 ... (the seed's; see README)
 The RLHF chain's PPO (a learned reward on the story or instruction task) is ppo_rlhf.py.
 """
