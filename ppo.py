@@ -284,15 +284,15 @@ def without_stop(logprob, stop_logprob):
 def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
     """PPO's clipped surrogate -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A), averaged over the mask's tokens
     (0, not NaN, for an empty mask). advantages: per token (B, T) or per sequence (B,).
-    Returns (loss, clip fraction, ratio)."""
+    Returns (loss, clip fraction, ratio, clipped: where the clip took the token's gradient away)."""
     if advantages.dim() == 1:
         advantages = advantages[:, None]
     ratio = torch.exp(logprobs - old_logprobs)
     pg_losses = -advantages * ratio
     pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
     loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
-    clipfrac = masked_mean(torch.gt(pg_losses2, pg_losses).float(), mask)
-    return loss, clipfrac, ratio
+    clipped = torch.gt(pg_losses2, pg_losses)
+    return loss, masked_mean(clipped.float(), mask), ratio, clipped
 
 
 # -----------------------------------------------------------------------------
@@ -421,7 +421,8 @@ class PPOTrainer:
         vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
         vf_clipfrac = masked_mean(torch.gt(vf_losses2, vf_losses1).float(), mask)
 
-        pg_loss, pg_clipfrac, ratio = clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cfg.cliprange)
+        pg_loss, pg_clipfrac, ratio, clipped = clipped_policy_loss(logprobs, old_logprobs, advantages, mask,
+                                                                   cfg.cliprange)
 
         loss = pg_loss + cfg.vf_coef * vf_loss
         kl_loss = torch.zeros((), device=loss.device)
@@ -445,12 +446,14 @@ class PPOTrainer:
             entropy = masked_mean(entropy_from_logits(logits), mask)
             approxkl = 0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask)
             policykl = masked_mean(old_logprobs - logprobs, mask)
+            # the stop decisions whose step the clip cut short (a story ends once: ~1/200 of the tokens)
+            stop_clipfrac = masked_mean(clipped.float(), mask * is_stop) if is_stop is not None else pg_clipfrac
         stats = {
             "loss": {"policy": pg_loss.detach(), "value": vf_loss.detach(), "kl": kl_loss.detach(),
                      "total": loss.detach()},
             "policy": {"entropy": entropy, "approxkl": approxkl, "policykl": policykl, "clipfrac": pg_clipfrac,
-                       "advantages_mean": masked_mean(advantages, mask), "ratio": avg_ratio,
-                       "skipped": float(skipped)},
+                       "clipfrac_stop": stop_clipfrac, "advantages_mean": masked_mean(advantages, mask),
+                       "ratio": avg_ratio, "skipped": float(skipped)},
             "returns": {"mean": masked_mean(returns, mask), "var": masked_var(returns, mask)},
             "val": {"vpred": masked_mean(vpreds, mask).detach(), "error": masked_mean(vf_losses1, mask).detach(),
                     "clipfrac": vf_clipfrac, "mean": masked_mean(values, mask), "var": masked_var(values, mask)},

@@ -96,10 +96,13 @@ kl_coef_min = 0.0  # bounds on the adaptive beta (ppo.PPOConfig): it never leave
 kl_coef_max = 0.0  # 0: no upper bound
 kl_penalty = "kl"  # the per-token KL in the reward: kl (log p - log q of the sampled token), abs, mse, full (exact)
 kl_mode = "reward"  # reward: -beta * KL in every token's reward (TRL); loss: beta * per-token KL in the loss (GRPO)
+length_band = 10.0  # the band around target_len that --hold_rollouts and --lr_length_scale act on
+# > 0: rollouts per iteration once their mean length has first come within target_len +- length_band (0: rollouts):
+# few per iteration to approach the target (how far it moves is set per iteration), more to hold it (less noise)
+hold_rollouts = 0
 # > 0: each iteration's learning rate follows its rollouts' length error instead of the schedule: min_lr inside
-# target_len +- lr_length_band, up to learning_rate at lr_length_band + lr_length_scale tokens off (ppo.length_error_lr)
+# target_len +- length_band, up to learning_rate at length_band + lr_length_scale tokens off (ppo.length_error_lr)
 lr_length_scale = 0.0
-lr_length_band = 10.0
 kl_on_stop = True  # False (with kl_mode=loss): the KL leaves the decision to stop to the reward (ppo.PPOConfig)
 early_stop_kl = 1.0  # stop an iteration's PPO epochs once the policy KL exceeds 1.5x this (TRL: target_kl)
 vf_coef = 0.1
@@ -127,8 +130,11 @@ for _k in ("batch_size", "max_seq_len", "gradient_accumulation_steps", "eval_ite
         fail(f"--{_k} must be >= 1, got {globals()[_k]}")
 if rollouts < 0:
     fail(f"--rollouts must be >= 0 (0: 8 x batch_size), got {rollouts}")
-if lr_length_scale < 0 or lr_length_band < 0:
-    fail(f"--lr_length_scale and --lr_length_band must be >= 0, got {lr_length_scale} and {lr_length_band}")
+if lr_length_scale < 0 or length_band < 0:
+    fail(f"--lr_length_scale and --length_band must be >= 0, got {lr_length_scale} and {length_band}")
+if hold_rollouts < 0 or hold_rollouts % (batch_size * gradient_accumulation_steps):
+    fail(f"--hold_rollouts must be 0 or a multiple of --batch_size x --gradient_accumulation_steps = "
+         f"{batch_size * gradient_accumulation_steps}, got {hold_rollouts}")
 if lr_length_scale > 0 and not min_lr <= learning_rate:
     fail(f"--lr_length_scale needs --min_lr <= --learning_rate, got {min_lr} and {learning_rate}")
 if min_lr < 0 or lr_decay_iters < 0:
@@ -511,15 +517,19 @@ def ppo_loop(iter_num, best_reward):
 
     def ppo_extra():
         state = {"kl_coef": ppo_trainer.kl_ctl.value, "query_length": query_length.state_dict(),
-                 "start_iter": ppo_start_iter}
+                 "start_iter": ppo_start_iter, "in_band": in_band}
         return {"best_reward": best_reward, "ppo_state": state}
 
-    def set_lr_by_length(length_mean):  # --lr_length_scale: the rollouts' length error sets their step's rate
-        nonlocal lr
-        length_mean = ppo_trainer._all_reduce_mean(length_mean)  # every rank sets the same rate
-        lr = length_error_lr(length_mean, target_len, learning_rate, min_lr, lr_length_band, lr_length_scale)
-        for param_group in optimizer.param_groups:
-            param_group["lr"] = lr
+    def on_length(length_mean):  # the rollouts' mean length, before their step
+        nonlocal lr, in_band
+        length_mean = ppo_trainer._all_reduce_mean(length_mean)  # every rank decides the same
+        in_band = in_band or abs(length_mean - target_len) <= length_band  # --hold_rollouts from the next iteration
+        if lr_length_scale > 0:  # the length error sets this step's rate
+            lr = length_error_lr(length_mean, target_len, learning_rate, min_lr, length_band, lr_length_scale)
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
+
+    in_band = bool(ppo_state and ppo_state.get("in_band"))
 
     while True:
         lr = get_lr(iter_num)
@@ -540,9 +550,11 @@ def ppo_loop(iter_num, best_reward):
         if eval_only or iter_num > max_iters:
             break
 
+        if hold_rollouts and in_band:
+            ppoconf.batch_size = hold_rollouts
         stats = ppo_iteration(ppo_trainer, raw_model, sample_queries(ppoconf.batch_size), reward_fn, max_gen_len,
                               stop_id=enc.bos_id, decode_fn=decode_fn,
-                              on_length=set_lr_by_length if lr_length_scale > 0 else None)
+                              on_length=on_length)
         if not math.isfinite(stats["ppo/loss/total"]):
             fail(f"non-finite PPO loss at iteration {iter_num}; nothing was saved after it: the last good checkpoint "
                  f"is {ppo_ckpt_path if os.path.exists(ppo_ckpt_path) else ckpt_path}. Try a lower --learning_rate")

@@ -280,8 +280,8 @@ def test_group_advantages_by_hand():
     loss = clipped_policy_loss(lp, lp, torch.tensor([1.0, -2.0]), mask, 0.2)[0]
     assert loss.item() == pytest.approx(-(1 + 1 - 2) / 3)
     # a ratio of 2 with a positive advantage is clipped to 1.2
-    loss, clipfrac, _ = clipped_policy_loss(torch.full((1, 1), math.log(2.0)), torch.zeros(1, 1), torch.tensor([1.0]),
-                                            torch.ones(1, 1), 0.2)
+    loss, clipfrac, _, _ = clipped_policy_loss(torch.full((1, 1), math.log(2.0)), torch.zeros(1, 1),
+                                               torch.tensor([1.0]), torch.ones(1, 1), 0.2)
     assert loss.item() == pytest.approx(-1.2) and clipfrac.item() == 1.0
     # an empty mask (every response empty) gives 0, not NaN
     assert clipped_policy_loss(lp, lp, torch.tensor([1.0, 1.0]), torch.zeros(2, 3), 0.2)[0].item() == 0.0

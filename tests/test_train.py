@@ -95,7 +95,7 @@ def test_a_resumed_run_keeps_its_context_and_init_from_takes_the_window(syntheti
     ("--min_lr=-1e-4", ["--min_lr"]),
     ("--lr_decay_iters=-5", ["--lr_decay_iters"]),
     ("--lr_length_scale=-1", ["--lr_length_scale"]),
-    ("--lr_length_band=-1", ["--lr_length_band"]),
+    ("--length_band=-1", ["--length_band"]),
 ])
 def test_bad_ppo_settings_get_a_one_line_error(tmp_path, flag, names):
     proc = run_in_process([script("train.py"), f"--out_dir={tmp_path}", *MODEL, "--ppo=True", flag])
