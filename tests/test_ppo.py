@@ -696,6 +696,29 @@ def test_train_py_ppo_runs_saves_and_resumes(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_train_py_ppo_takes_hold_rollouts_once_the_length_is_in_the_band(tiny_run, tmp_path):
+    """--hold_rollouts: --rollouts per iteration until the mean length first comes within --target_len +-
+    --length_band, then hold_rollouts, also after a resume; a band the length never enters changes nothing."""
+    import json
+    root, env, model = tiny_run
+    for band, expected in ((1000.0, [16, 32, 32]), (0.0, [16, 16, 16])):  # every length is in / none is
+        out = tmp_path / f"band{band:g}"
+        shutil.copytree(root / "ppo_base", out)
+        target = 30 if band else 1000  # no story of the 128-token context is 1000 tokens long
+        run([script("train.py"), f"--out_dir={out}", *model, *PPO_FLAGS, "--max_iters=32", "--eval_interval=1",
+             "--always_save_checkpoint=True", "--hold_rollouts=32", f"--length_band={band}", f"--target_len={target}"],
+            env=env)
+        rows = [r for r in map(json.loads, open(out / "metrics.jsonl")) if "reward_mean" in r]
+        assert [r["rollouts"] for r in rows] == expected
+        assert torch.load(out / "ppo_ckpt.pt", weights_only=True)["ppo_state"]["in_band"] == bool(band)
+    # the resumed run remembers that the band was reached
+    run([script("train.py"), f"--out_dir={tmp_path / 'band1000'}", *model, *PPO_FLAGS, "--max_iters=33",
+         "--eval_interval=100", "--hold_rollouts=32", "--length_band=1000"], env=env)
+    rows = [r for r in map(json.loads, open(tmp_path / "band1000" / "metrics.jsonl")) if "reward_mean" in r]
+    assert [r["rollouts"] for r in rows][-1] == 32
+
+
+@pytest.mark.slow
 def test_train_py_ppo_refuses_a_tokenizer_of_another_vocabulary(tiny_run, tmp_path):
     root, env, model = tiny_run
     out = tmp_path / "out"

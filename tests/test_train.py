@@ -96,6 +96,8 @@ def test_a_resumed_run_keeps_its_context_and_init_from_takes_the_window(syntheti
     ("--lr_decay_iters=-5", ["--lr_decay_iters"]),
     ("--lr_length_scale=-1", ["--lr_length_scale"]),
     ("--length_band=-1", ["--length_band"]),
+    ("--hold_rollouts=-4", ["--hold_rollouts"]),
+    ("--hold_rollouts=6", ["--hold_rollouts", "multiple of --batch_size"]),  # --batch_size=4
 ])
 def test_bad_ppo_settings_get_a_one_line_error(tmp_path, flag, names):
     proc = run_in_process([script("train.py"), f"--out_dir={tmp_path}", *MODEL, "--ppo=True", flag])
