@@ -628,6 +628,26 @@ def stop_diagnostics(batch, target_length, kl_on_stop=True, kl_mode="loss", widt
 # -----------------------------------------------------------------------------
 # one iteration of the seed's loop (section 3.2.1): queries -> rollouts -> rewards -> PPO step
 
+def story_queries(next_batch: Callable, n: int, query_length: Callable[[], int], bos_id: int) -> List[List[int]]:
+    """n queries for the length experiment: BOS + the first query_length() tokens of a story, one per row of the
+    token batches next_batch() -> (X, Y) returns (the first story that begins in the row)."""
+    queries = []
+    while len(queries) < n:
+        X, _ = next_batch()
+        for row in X.tolist():
+            if bos_id in row:
+                begin = row.index(bos_id)
+                queries.append(row[begin: begin + query_length() + 1])
+    return queries[:n]
+
+
+def story_lengths(queries, responses, stop_id):
+    """Each story's length (query + response tokens, the end token not counted) and whether it ended (its
+    response's last token is stop_id) rather than running out of budget. Returns (lengths, ended)."""
+    ended = [len(r) > 0 and r[-1] == stop_id for r in responses]
+    return [len(q) + len(r) - e for q, r, e in zip(queries, responses, ended)], ended
+
+
 def ppo_iteration(trainer: PPOTrainer, policy, queries: List[List[int]], reward_fn: Callable[[int], float],
                   max_gen_len: int, stop_id: int, decode_fn=None, score_fn=None,
                   on_length: Optional[Callable[[float], None]] = None) -> dict:
@@ -646,8 +666,7 @@ def ppo_iteration(trainer: PPOTrainer, policy, queries: List[List[int]], reward_
                                    eos_id=stop_id, device=device, decode_fn=decode_fn, keep_stop_token=True)
     policy.train()
     rollout_s = time.time() - t0
-    ended = [len(r) > 0 and r[-1] == stop_id for r in responses]
-    lengths = [len(q) + len(r) - e for q, r, e in zip(queries, responses, ended)]
+    lengths, ended = story_lengths(queries, responses, stop_id)
     extra = {}
     if score_fn is None:
         scores = [reward_fn(n) for n in lengths]

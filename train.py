@@ -12,7 +12,7 @@ CPU (a laptop; tiny model, a couple of minutes):
 One GPU:        python train.py --compile=True
 Many GPUs:      torchrun --standalone --nproc_per_node=4 train.py   (DDP; gloo on CPU, NCCL on CUDA)
 PPO (RLHF), from out_dir/ckpt.pt (e.g. stories260K.pt copied there):
-    python train.py config/ppo_length_cpu.py     # the length experiment on a CPU in ~9 minutes
+    python train.py config/ppo_length_cpu.py     # the length experiment on a CPU in ~11-13 minutes
     python train.py --out_dir=stories260K --init_from=resume --ppo=True --batch_size=50 ... (the seed's; see README)
 The RLHF chain's PPO (a learned reward on the story or instruction task) is ppo_rlhf.py.
 """
@@ -166,7 +166,8 @@ else:
     master_process, seed_offset, ddp_world_size = True, 0, 1
 
 if ppo:  # every PPO setting is checked here, before anything is loaded
-    from ppo import LengthReward, LengthSampler, PPOConfig, PPOTrainer, length_error_lr, ppo_iteration
+    from ppo import (LengthReward, LengthSampler, PPOConfig, PPOTrainer, length_error_lr, ppo_iteration,
+                     story_queries)
     try:
         ppoconf = PPOConfig(
             seed=seed + seed_offset, adap_kl_ctrl=adap_kl_ctrl, adap_kl_rule=adap_kl_rule, init_kl_coef=init_kl_coef,
@@ -430,14 +431,7 @@ class GracefulStop:
 
 def sample_queries(n):
     """n queries: BOS + the first query_length() tokens of stories from the training batches."""
-    queries = []
-    while len(queries) < n:
-        X, _ = train_stream.next()
-        for row in X.tolist():
-            if enc.bos_id in row:
-                begin = row.index(enc.bos_id)
-                queries.append(row[begin: begin + query_length() + 1])
-    return queries[:n]
+    return story_queries(train_stream.next, n, query_length, enc.bos_id)
 
 
 # -----------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 # The seed's length experiment (reward -|200 - story length| / 100) on a laptop CPU: reach the target, then hold it
-# by control (issue 24; README, "Holding the band on every seed": seeds 1-3 meet every target, seeds 4 and 5 each
-# miss one). From the bundled stories260K:
+# by control (issue 24; README, "Holding the band on every seed": seeds 1, 2, 3 and 5 meet every target, seed 4 held
+# 39 iterations in a row of the 40). From the bundled stories260K:
 #   cp stories260K/stories260K.pt stories260K/ckpt.pt
 #   python tinystories.py download && python tinystories.py pretokenize --vocab_size=512 --tokenizer=stories260K/tok512.model
 #   python train.py config/ppo_length_cpu.py --seed=1       # 60 iterations, ~13 minutes on 2 CPU cores
