@@ -132,9 +132,6 @@ if rollouts < 0:
     fail(f"--rollouts must be >= 0 (0: 8 x batch_size), got {rollouts}")
 if lr_length_scale < 0 or length_band < 0:
     fail(f"--lr_length_scale and --length_band must be >= 0, got {lr_length_scale} and {length_band}")
-if hold_rollouts < 0 or hold_rollouts % (batch_size * gradient_accumulation_steps):
-    fail(f"--hold_rollouts must be 0 or a multiple of --batch_size x --gradient_accumulation_steps = "
-         f"{batch_size * gradient_accumulation_steps}, got {hold_rollouts}")
 if lr_length_scale > 0 and not min_lr <= learning_rate:
     fail(f"--lr_length_scale needs --min_lr <= --learning_rate, got {min_lr} and {learning_rate}")
 if min_lr < 0 or lr_decay_iters < 0:
@@ -179,6 +176,10 @@ if ppo:  # every PPO setting is checked here, before anything is loaded
             max_grad_norm=grad_clip or None, early_stopping=True, target_kl=early_stop_kl, ptx_coef=ptx_coef)
     except ValueError as e:
         fail(f"invalid PPO setting: {e}")
+    # the rollouts of one optimizer step on this process (under DDP the accumulation steps are split over the ranks)
+    if hold_rollouts < 0 or hold_rollouts % ppoconf.backward_batch_size:
+        fail(f"--hold_rollouts must be 0 or a multiple of --batch_size x the gradient accumulation steps per process "
+             f"= {ppoconf.backward_batch_size}, got {hold_rollouts}")
 
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
