@@ -62,6 +62,10 @@ class PPOConfig:
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
+    # False: no critic. Every token's advantage is its story's return, whitened over the batch (with lam = 1: the
+    # return minus the batch mean, as RLOO and GRPO do), and the value head is not trained. A critic that knows
+    # no better than the batch mean only adds its own noise to every token's advantage (README, finding 19)
+    value_baseline: bool = True
     batch_size: int = 128  # rollouts per step
     mini_batch_size: int = 128  # rollouts per forward/backward
     gradient_accumulation_steps: int = 1  # mini-batches per optimizer step
@@ -424,7 +428,7 @@ class PPOTrainer:
         pg_loss, pg_clipfrac, ratio, clipped = clipped_policy_loss(logprobs, old_logprobs, advantages, mask,
                                                                    cfg.cliprange)
 
-        loss = pg_loss + cfg.vf_coef * vf_loss
+        loss = pg_loss + cfg.vf_coef * vf_loss if cfg.value_baseline else pg_loss
         kl_loss = torch.zeros((), device=loss.device)
         if cfg.kl_mode == "loss":
             # k3 >= 0 pulls each token's distribution towards the reference's without crediting a shorter
@@ -496,6 +500,8 @@ class PPOTrainer:
                 del logits, ref_logits
             else:
                 rewards, non_score_reward = self.compute_rewards(scores, logprobs, ref_logprobs, masks)
+            if not cfg.value_baseline:
+                values = torch.zeros_like(values)
             values, advantages, returns = self.compute_advantages(values, rewards, masks)
         timing["time/ppo/compute_advantages"] = time.time() - t
 

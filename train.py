@@ -106,6 +106,7 @@ lr_length_scale = 0.0
 kl_on_stop = True  # False (with kl_mode=loss): the KL leaves the decision to stop to the reward (ppo.PPOConfig)
 early_stop_kl = 1.0  # stop an iteration's PPO epochs once the policy KL exceeds 1.5x this (TRL: target_kl)
 vf_coef = 0.1
+value_baseline = True  # False: no critic, each story's return whitened over the batch is every token's advantage
 cliprange = 0.2
 cliprange_value = 0.2
 gamma = 1.0
@@ -170,7 +171,8 @@ if ppo:  # every PPO setting is checked here, before anything is loaded
             seed=seed + seed_offset, adap_kl_ctrl=adap_kl_ctrl, adap_kl_rule=adap_kl_rule, init_kl_coef=init_kl_coef,
             kl_coef_min=kl_coef_min, kl_coef_max=kl_coef_max or None, target=adap_kl_target, horizon=kl_horizon,
             kl_penalty=kl_penalty, kl_mode=kl_mode, kl_on_stop=kl_on_stop, gamma=gamma, lam=lam,
-            cliprange=cliprange, cliprange_value=cliprange_value, vf_coef=vf_coef, batch_size=rollouts or 8 * batch_size,
+            cliprange=cliprange, cliprange_value=cliprange_value, vf_coef=vf_coef, value_baseline=value_baseline,
+            batch_size=rollouts or 8 * batch_size,
             mini_batch_size=batch_size,
             gradient_accumulation_steps=gradient_accumulation_steps, ppo_epochs=ppo_epochs,
             max_grad_norm=grad_clip or None, early_stopping=True, target_kl=early_stop_kl, ptx_coef=ptx_coef)

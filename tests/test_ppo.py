@@ -467,6 +467,39 @@ def test_first_minibatch_ratio_is_exactly_one_and_nothing_is_clipped():
     assert first["policy"]["policykl"].item() == 0.0
 
 
+def test_without_a_critic_every_token_gets_its_storys_whitened_return():
+    """value_baseline=False: the advantage of every response token is its story's score, whitened over the batch's
+    tokens (kl_mode="loss": the score is the whole return), and the value head is left untrained."""
+    cfg = PPOConfig(batch_size=8, mini_batch_size=8, ppo_epochs=1, kl_mode="loss", lam=1.0, value_baseline=False)
+    trainer = make_trainer(cfg)
+    head = trainer.model.value_head.weight.detach().clone()
+    seen = []
+    original = trainer.compute_loss
+
+    def spy(*args, **kwargs):
+        seen.append((args[5], args[6]))  # mask, advantages
+        return original(*args, **kwargs)
+
+    trainer.compute_loss = spy
+    queries, responses, scores = rollouts(8)
+    trainer.step(queries, responses, scores)
+    mask, adv = seen[0]
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(cfg.seed))  # the step's minibatch order
+    lengths = torch.tensor([len(responses[i]) for i in perm.tolist()], dtype=torch.float32)
+    s = torch.stack(scores)[perm]
+    mean = (s * lengths).sum() / lengths.sum()  # over tokens
+    var = ((s - mean) ** 2 * lengths).sum() / (lengths.sum() - 1)
+    expected = (s - mean) / var.sqrt()
+    for i in range(8):
+        on = mask[i] > 0
+        torch.testing.assert_close(adv[i][on], expected[i].expand(int(on.sum())), atol=1e-4, rtol=1e-4)
+    assert torch.equal(trainer.model.value_head.weight, head)
+    # with the critic (the default) the value head learns
+    trainer = make_trainer(PPOConfig(batch_size=8, mini_batch_size=8, ppo_epochs=1, kl_mode="loss", lam=1.0))
+    trainer.step(*rollouts(8))
+    assert not torch.equal(trainer.model.value_head.weight, head)
+
+
 def test_step_stats_and_kl_coefficient_update():
     trainer = make_trainer(scaler=None)  # no GradScaler: must work
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -584,7 +617,8 @@ def length_reference():
 
 def run_length_ppo(reference_state, seed, iterations=40, target=14, peak_lr=2e-3, **config):
     """The CPU recipe's control (config/ppo_length_cpu.py) in miniature: KL in the loss without the stop decision,
-    beta adaptive within [0.06, 0.12], learning rate cosine to 30% of the peak over 8 iterations, then constant.
+    beta adaptive within [0.06, 0.12], no critic (each story's whitened score is its tokens' advantage), learning
+    rate cosine to 30% of the peak over 8 iterations, then constant.
     64 rollouts of the reference's fine-tuned copy per iteration, reward -|target - length| / 10.
     Returns the mean lengths, betas and learning rates per iteration."""
     threads = torch.get_num_threads()
@@ -596,7 +630,8 @@ def run_length_ppo(reference_state, seed, iterations=40, target=14, peak_lr=2e-3
         torch.manual_seed(seed)
         policy = TransformerWithValueHead(ModelArgs(**SMALL))
         policy.load_state_dict(reference_state, strict=False)  # the value head keeps its fresh initialisation
-        settings = dict(batch_size=64, mini_batch_size=32, ppo_epochs=1, lam=1.0, kl_mode="loss", kl_on_stop=False,
+        settings = dict(batch_size=64, mini_batch_size=32, ppo_epochs=1, lam=1.0, value_baseline=False,
+                        kl_mode="loss", kl_on_stop=False,
                         stop_token_id=2, adap_kl_ctrl=True, init_kl_coef=0.1, target=2.0, horizon=640,
                         kl_coef_min=0.06, kl_coef_max=0.12, seed=seed)
         settings.update(config)
