@@ -66,6 +66,10 @@ class PPOConfig:
     # return minus the batch mean, as RLOO and GRPO do), and the value head is not trained. A critic that knows
     # no better than the batch mean only adds its own noise to every token's advantage (README, finding 19)
     value_baseline: bool = True
+    # False: the policy gradient acts only on the decision to stop, log p(stop) at a story's end token and
+    # log(1 - p(stop)) at every other response token; what to write is left to the KL. A reward that judges only
+    # the length then reaches no token through the choice of a word (README, finding 22). Needs stop_token_id
+    pg_on_content: bool = True
     batch_size: int = 128  # rollouts per step
     mini_batch_size: int = 128  # rollouts per forward/backward
     gradient_accumulation_steps: int = 1  # mini-batches per optimizer step
@@ -285,6 +289,12 @@ def without_stop(logprob, stop_logprob):
     return logprob - torch.log1p(-torch.exp(stop_logprob.clamp(max=-1e-6)))
 
 
+def stop_decision(logprob, stop_logprob, is_stop):
+    """The log-prob of the decision to stop or go on at each token: log p(stop) where the token is the stop,
+    log(1 - p(stop)) elsewhere. Its gradient reaches the logits only through p(stop)."""
+    return torch.where(is_stop, logprob, torch.log1p(-torch.exp(stop_logprob.clamp(max=-1e-6))))
+
+
 def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
     """PPO's clipped surrogate -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A), averaged over the mask's tokens
     (0, not NaN, for an empty mask). advantages: per token (B, T) or per sequence (B,).
@@ -312,6 +322,8 @@ class PPOTrainer:
             raise ValueError("PPOConfig.ptx_coef > 0 needs a ptx_loss_fn (the pre-training batches)")
         if not config.kl_on_stop and config.stop_token_id is None:
             raise ValueError("PPOConfig.kl_on_stop=False needs the stop_token_id")
+        if not config.pg_on_content and config.stop_token_id is None:
+            raise ValueError("PPOConfig.pg_on_content=False needs the stop_token_id (the decision it trains)")
         self.ptx_loss_fn = ptx_loss_fn
         self.config = config
         self.model, self.ref_model, self.optimizer = model, ref_model, optimizer
@@ -414,10 +426,11 @@ class PPOTrainer:
         return values, advantages, returns
 
     def compute_loss(self, old_logprobs, values, logprobs, logits, vpreds, mask, advantages, returns,
-                     ref_logprobs=None, ref_stop_logprobs=None, is_stop=None):
+                     ref_logprobs=None, ref_stop_logprobs=None, is_stop=None, old_stop_logprobs=None):
         """PPO's clipped policy loss + vf_coef * clipped value loss (+ kl_coef * the per-token k3 KL estimate
         to the reference with kl_mode="loss"; with kl_on_stop=False, of the distributions without the stop token,
-        over the tokens that are not the stop: ref_stop_logprobs and is_stop, (B, T)). Returns (loss, stats)."""
+        over the tokens that are not the stop: ref_stop_logprobs and is_stop, (B, T); with pg_on_content=False the
+        policy loss is on the stop decisions, old_stop_logprobs (B, T) the old policy's). Returns (loss, stats)."""
         cfg = self.config
         vpredclipped = clip_by_value(vpreds, values - cfg.cliprange_value, values + cfg.cliprange_value)
         vf_losses1 = (vpreds - returns) ** 2
@@ -425,8 +438,16 @@ class PPOTrainer:
         vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
         vf_clipfrac = masked_mean(torch.gt(vf_losses2, vf_losses1).float(), mask)
 
-        pg_loss, pg_clipfrac, ratio, clipped = clipped_policy_loss(logprobs, old_logprobs, advantages, mask,
-                                                                   cfg.cliprange)
+        stop_logprobs = None
+        if not (cfg.kl_on_stop and cfg.pg_on_content):
+            stop_logprobs = F.log_softmax(logits.float(), dim=-1)[..., cfg.stop_token_id]
+        if cfg.pg_on_content:
+            pg_loss, pg_clipfrac, ratio, clipped = clipped_policy_loss(logprobs, old_logprobs, advantages, mask,
+                                                                       cfg.cliprange)
+        else:
+            pg_loss, pg_clipfrac, ratio, clipped = clipped_policy_loss(
+                stop_decision(logprobs, stop_logprobs, is_stop), stop_decision(old_logprobs, old_stop_logprobs, is_stop),
+                advantages, mask, cfg.cliprange)
 
         loss = pg_loss + cfg.vf_coef * vf_loss if cfg.value_baseline else pg_loss
         kl_loss = torch.zeros((), device=loss.device)
@@ -436,7 +457,6 @@ class PPOTrainer:
             if cfg.kl_on_stop:
                 kl_loss = masked_mean(kl_estimate(logprobs, ref_logprobs, "k3"), mask)
             else:
-                stop_logprobs = F.log_softmax(logits.float(), dim=-1)[..., cfg.stop_token_id]
                 kl_loss = masked_mean(kl_estimate(without_stop(logprobs, stop_logprobs),
                                                   without_stop(ref_logprobs, ref_stop_logprobs), "k3"),
                                       mask * ~is_stop)
@@ -524,7 +544,8 @@ class PPOTrainer:
                         logprobs[mb], values[mb], mb_logprobs, mb_logits[:, :-1], vpreds[:, :-1].float(), masks[mb],
                         advantages[mb], returns[mb], ref_logprobs[mb],
                         None if ref_stop_logprobs is None else ref_stop_logprobs[mb],
-                        None if is_stop is None else is_stop[mb])
+                        None if is_stop is None else is_stop[mb],
+                        None if stop_logprobs is None else stop_logprobs[mb])
                     if cfg.ptx_coef > 0:  # keep the pre-training distribution while chasing the reward
                         with self.autocast():
                             ptx_loss = self.ptx_loss_fn()

@@ -107,6 +107,7 @@ kl_on_stop = True  # False (with kl_mode=loss): the KL leaves the decision to st
 early_stop_kl = 1.0  # stop an iteration's PPO epochs once the policy KL exceeds 1.5x this (TRL: target_kl)
 vf_coef = 0.1
 value_baseline = True  # False: no critic, each story's return whitened over the batch is every token's advantage
+pg_on_content = True  # False: the policy gradient trains only the decision to stop (ppo.PPOConfig)
 cliprange = 0.2
 cliprange_value = 0.2
 gamma = 1.0
@@ -172,6 +173,7 @@ if ppo:  # every PPO setting is checked here, before anything is loaded
             kl_coef_min=kl_coef_min, kl_coef_max=kl_coef_max or None, target=adap_kl_target, horizon=kl_horizon,
             kl_penalty=kl_penalty, kl_mode=kl_mode, kl_on_stop=kl_on_stop, gamma=gamma, lam=lam,
             cliprange=cliprange, cliprange_value=cliprange_value, vf_coef=vf_coef, value_baseline=value_baseline,
+            pg_on_content=pg_on_content,
             batch_size=rollouts or 8 * batch_size,
             mini_batch_size=batch_size,
             gradient_accumulation_steps=gradient_accumulation_steps, ppo_epochs=ppo_epochs,

@@ -202,6 +202,47 @@ def test_kl_without_the_stop_token_by_hand():
         make_trainer(PPOConfig(batch_size=1, mini_batch_size=1, kl_mode="loss", kl_on_stop=False))
 
 
+def test_policy_gradient_on_the_stop_decision_only_by_hand():
+    """pg_on_content=False: the clipped loss is on the decision to stop or go on, log p(stop) at the end token and
+    log(1 - p(stop)) elsewhere. Its gradient on the logits is then the same as the binary decision's: at a
+    position that went on, every other token's logit moves in proportion to its probability (what to write is
+    untouched: the distribution without the stop token does not change to first order)."""
+    stop = 2
+    logits = torch.tensor([[[0.3, -0.2, 1.0, 0.5], [0.1, 0.4, -0.5, 0.2], [0.0, 0.0, 2.0, 0.0]]], requires_grad=True)
+    tokens = torch.tensor([[1, 3, stop]])
+    mask, zeros = torch.ones(1, 3), torch.zeros(1, 3)
+    advantages = torch.tensor([[0.7, -1.3, 0.4]])
+    trainer = make_trainer(PPOConfig(batch_size=1, mini_batch_size=1, kl_mode="loss", init_kl_coef=0.0,
+                                     value_baseline=False, stop_token_id=stop, pg_on_content=False))
+    lp = logprobs_from_logits(logits, tokens)
+    p_stop = torch.softmax(logits.detach(), -1)[..., stop]
+    old_stop = torch.log_softmax(logits.detach(), -1)[..., stop]
+    loss, stats = trainer.compute_loss(lp.detach(), zeros, lp, logits, zeros, mask, advantages, zeros, lp.detach(),
+                                       old_stop, tokens == stop, old_stop)
+    loss.backward()
+    assert loss.item() == pytest.approx(-advantages.mean().item(), rel=1e-6)  # at the old policy every ratio is 1
+    # d/dz of -A log(1 - p) / 3 = -A p_j p / ((1 - p) 3) for the other tokens j and A p / 3 for the stop's own
+    # logit; at the stop token d/dz of -A log p / 3 = -A (1[j = stop] - p_j) / 3
+    p = torch.softmax(logits.detach(), -1)
+    for t in range(2):
+        a, ps = advantages[0, t], p_stop[0, t]
+        want = -a * p[0, t] * ps / ((1 - ps) * 3)
+        want[stop] = a * ps / 3
+        torch.testing.assert_close(logits.grad[0, t], want, atol=1e-6, rtol=1e-5)
+    want = -advantages[0, 2] * (torch.nn.functional.one_hot(torch.tensor(stop), 4) - p[0, 2]) / 3
+    torch.testing.assert_close(logits.grad[0, 2], want, atol=1e-6, rtol=1e-5)
+    # with the content in the policy gradient (the default) the loss is on the sampled token: -A (1[j = token] - p_j) / 3
+    logits.grad = None
+    trainer = make_trainer(PPOConfig(batch_size=1, mini_batch_size=1, kl_mode="loss", init_kl_coef=0.0,
+                                     value_baseline=False, stop_token_id=stop))
+    trainer.compute_loss(lp.detach(), zeros, logprobs_from_logits(logits, tokens), logits, zeros, mask, advantages,
+                         zeros, lp.detach(), old_stop, tokens == stop, old_stop)[0].backward()
+    want = -advantages[0, 0] * (torch.nn.functional.one_hot(tokens[0, 0], 4) - p[0, 0]) / 3
+    torch.testing.assert_close(logits.grad[0, 0], want, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="stop_token_id"):
+        make_trainer(PPOConfig(batch_size=1, mini_batch_size=1, pg_on_content=False))
+
+
 def test_stop_diagnostics_by_hand():
     """The stop diagnostics of one row: response positions 1..4 (story lengths 2..5), target length 4 +- 1."""
     masks = torch.tensor([[0.0, 1, 1, 1, 1]])
