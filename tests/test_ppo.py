@@ -658,8 +658,8 @@ def length_reference():
 
 def run_length_ppo(reference_state, seed, iterations=40, target=14, peak_lr=2e-3, **config):
     """The CPU recipe's control (config/ppo_length_cpu.py) in miniature: KL in the loss without the stop decision,
-    beta adaptive within [0.06, 0.12], no critic (each story's whitened score is its tokens' advantage), learning
-    rate cosine to 30% of the peak over 8 iterations, then constant.
+    beta adaptive within [0.06, 0.12], no critic (each story's whitened score is its tokens' advantage), the policy
+    gradient on the stop decisions only, learning rate cosine to 30% of the peak over 8 iterations, then constant.
     64 rollouts of the reference's fine-tuned copy per iteration, reward -|target - length| / 10.
     Returns the mean lengths, betas and learning rates per iteration."""
     threads = torch.get_num_threads()
@@ -672,7 +672,7 @@ def run_length_ppo(reference_state, seed, iterations=40, target=14, peak_lr=2e-3
         policy = TransformerWithValueHead(ModelArgs(**SMALL))
         policy.load_state_dict(reference_state, strict=False)  # the value head keeps its fresh initialisation
         settings = dict(batch_size=64, mini_batch_size=32, ppo_epochs=1, lam=1.0, value_baseline=False,
-                        kl_mode="loss", kl_on_stop=False,
+                        pg_on_content=False, kl_mode="loss", kl_on_stop=False,
                         stop_token_id=2, adap_kl_ctrl=True, init_kl_coef=0.1, target=2.0, horizon=640,
                         kl_coef_min=0.06, kl_coef_max=0.12, seed=seed)
         settings.update(config)
