@@ -283,16 +283,21 @@ def kl_estimate(logprob, ref_logprob, kind="k1"):
     raise ValueError(f"KL estimator must be one of {', '.join(KL_ESTIMATORS)}, got {kind!r}")
 
 
+def log_going_on(stop_logprob):
+    """log(1 - p(stop)), from log p(stop), finite as p(stop) -> 1."""
+    return torch.log1p(-torch.exp(stop_logprob.clamp(max=-1e-6)))
+
+
 def without_stop(logprob, stop_logprob):
     """log p(token | not stopping) = log p(token) - log(1 - p(stop)): a token's log-prob in the next-token
     distribution renormalised without the stop token. Its gradient with respect to the stop logit is exactly 0."""
-    return logprob - torch.log1p(-torch.exp(stop_logprob.clamp(max=-1e-6)))
+    return logprob - log_going_on(stop_logprob)
 
 
 def stop_decision(logprob, stop_logprob, is_stop):
     """The log-prob of the decision to stop or go on at each token: log p(stop) where the token is the stop,
     log(1 - p(stop)) elsewhere. Its gradient reaches the logits only through p(stop)."""
-    return torch.where(is_stop, logprob, torch.log1p(-torch.exp(stop_logprob.clamp(max=-1e-6))))
+    return torch.where(is_stop, logprob, log_going_on(stop_logprob))
 
 
 def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
@@ -446,8 +451,8 @@ class PPOTrainer:
                                                                        cfg.cliprange)
         else:
             pg_loss, pg_clipfrac, ratio, clipped = clipped_policy_loss(
-                stop_decision(logprobs, stop_logprobs, is_stop), stop_decision(old_logprobs, old_stop_logprobs, is_stop),
-                advantages, mask, cfg.cliprange)
+                stop_decision(logprobs, stop_logprobs, is_stop),
+                stop_decision(old_logprobs, old_stop_logprobs, is_stop), advantages, mask, cfg.cliprange)
 
         loss = pg_loss + cfg.vf_coef * vf_loss if cfg.value_baseline else pg_loss
         kl_loss = torch.zeros((), device=loss.device)

@@ -231,7 +231,8 @@ def test_policy_gradient_on_the_stop_decision_only_by_hand():
         torch.testing.assert_close(logits.grad[0, t], want, atol=1e-6, rtol=1e-5)
     want = -advantages[0, 2] * (torch.nn.functional.one_hot(torch.tensor(stop), 4) - p[0, 2]) / 3
     torch.testing.assert_close(logits.grad[0, 2], want, atol=1e-6, rtol=1e-5)
-    # with the content in the policy gradient (the default) the loss is on the sampled token: -A (1[j = token] - p_j) / 3
+    # with the content in the policy gradient (the default) the loss is on the sampled token:
+    # -A (1[j = token] - p_j) / 3
     logits.grad = None
     trainer = make_trainer(PPOConfig(batch_size=1, mini_batch_size=1, kl_mode="loss", init_kl_coef=0.0,
                                      value_baseline=False, stop_token_id=stop))
