@@ -8,7 +8,7 @@ feed_forward.w1/w2/w3, attention_norm, ffn_norm, norm, output), so checkpoints m
 
 Read it top to bottom: ModelArgs -> ModelOutput -> RMSNorm -> RoPE -> KVCache -> Attention -> FeedForward ->
 TransformerBlock -> Transformer -> TransformerWithValueHead. The fast paths it calls on a CPU (the decode step's
-projection `linear`, `dropout`, attention in chunks) are kernels.py; read each as x @ W.T, F.dropout and SDPA.
+projection `linear`, `dropout`, attention in chunks) are cpu_kernels.py; read each as x @ W.T, F.dropout and SDPA.
 
 There is one forward path. Without input_pos it is a training forward over positions 0..T-1. With
 input_pos, the positions of the tokens, keys and values are written into the KV cache: T > 1 tokens from
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import CHUNKED_MAX_HEAD_DIM, chunked_causal_attention, dropout, linear
+from cpu_kernels import CHUNKED_MAX_HEAD_DIM, chunked_causal_attention, dropout, linear
 
 
 @dataclass
@@ -137,7 +137,7 @@ class KVCache(nn.Module):
 
 def causal_attention(q, k, v, dropout_p=0.0):
     """Causal attention of q (B, H, T, D) over k, v (B, H_kv, T, D), dropout on the probabilities: on a CPU with
-    dropout or small heads in chunks (kernels.py), else PyTorch's fused kernel."""
+    dropout or small heads in chunks (cpu_kernels.py), else PyTorch's fused kernel."""
     if q.device.type == "cpu" and (dropout_p > 0 or q.size(-1) <= CHUNKED_MAX_HEAD_DIM):
         return chunked_causal_attention(q, k, v, dropout_p)
     n_rep = q.size(1) // k.size(1)

@@ -3,14 +3,15 @@ training step) and, with dropout, against the naive computation with the same ke
 rate, independence across heads, positions and steps); that a seed reproduces it and a saved RNG state resumes
 it; and which path attention takes."""
 import math
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import cpu_kernels
 import model as model_module
-from kernels import ChunkedCausalAttention, dropout, drop_mask, quantised_p
+from cpu_kernels import ChunkedCausalAttention, dropout, drop_mask, quantised_p
 from model import ModelArgs, Transformer, causal_attention
 
 
@@ -27,7 +28,7 @@ def grouped(q, k, v, p):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(kernels, "ATTENTION_CHUNK", 8)  # 37 positions: 5 chunks, the last one partial
+    monkeypatch.setattr(cpu_kernels, "ATTENTION_CHUNK", 8)  # 37 positions: 5 chunks, the last one partial
 
 
 def test_without_drops_it_is_sdpa_forward_and_backward(small_chunks):
@@ -174,7 +175,7 @@ def test_attention_takes_the_chunks_where_they_pay_whatever_the_grad_mode(monkey
 
 def test_training_through_the_chunks_gives_sdpa_loss_and_gradients(monkeypatch):
     """The whole model at dropout 0: the same loss and gradients whether attention runs in chunks or in SDPA."""
-    monkeypatch.setattr(kernels, "ATTENTION_CHUNK", 16)  # 80 positions: 5 chunks
+    monkeypatch.setattr(cpu_kernels, "ATTENTION_CHUNK", 16)  # 80 positions: 5 chunks
     cfg = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=8, max_seq_len=80)
     torch.manual_seed(0)
     m = Transformer(cfg).double()
@@ -198,7 +199,7 @@ def test_under_torch_compile_the_chunks_run_eagerly_and_importing_the_model_does
     import subprocess
     import sys
     probe = "import sys, model, generate, ppo, checkpoint, tokenizer; print('torch._dynamo' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=kernels.__file__[:-11])
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=os.path.dirname(cpu_kernels.__file__))
     assert out.stdout.strip() == "False", out.stderr
     import torch._dynamo
     cfg = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=8, max_seq_len=16)
