@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 import torch
 
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, TransformerWithValueHead
 from utils import atomic_write
 
 
@@ -86,3 +86,11 @@ def load_model_state(model: Transformer, state_dict):
     unexpected = [k for k in unexpected if not k.startswith("value_head.")]
     if missing or unexpected:
         raise ValueError(f"checkpoint does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+
+
+def model_from_checkpoint(checkpoint, value_head=False):
+    """The model of a checkpoint dict with its weights, in eval mode: a Transformer, or with value_head a
+    TransformerWithValueHead (the checkpoint's value head when it has one, else a freshly initialised one)."""
+    model = (TransformerWithValueHead if value_head else Transformer)(model_args_from_checkpoint(checkpoint))
+    load_model_state(model, checkpoint["model"])
+    return model.eval()

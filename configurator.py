@@ -2,7 +2,7 @@
 Command-line configuration in the nanoGPT / llama2.c style, without the exec: a script keeps its
 settings as module-level globals and calls
 
-    configurator.apply(globals(), sys.argv[1:], keys)
+    config = configurator.configure(globals(), sys.argv[1:], positive=("batch_size", "max_iters"))
 
 Each argument is either a config file (a Python file of `key = value` lines, executed in the script's
 globals) or `--key=value`, where value is a Python literal (`--lr=3e-4`, `--compile=False`) or a bare
@@ -76,3 +76,22 @@ def apply_or_exit(config: dict, argv, keys=None):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def settings(config: dict):
+    """The settings of a script's globals: the public ints, floats, strings and bools (what its checkpoints and
+    metrics record as its config)."""
+    return {k: v for k, v in config.items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
+
+
+def configure(config: dict, argv, positive=(), keys=None):
+    """apply_or_exit(), then each setting named in positive must be > 0 (an int >= 1), else a one-line error and
+    exit code 2. Returns settings(config), the dict a script saves with its checkpoints."""
+    apply_or_exit(config, argv, keys)
+    for key in positive:
+        value = config[key]
+        if value <= 0:
+            need = ">= 1" if isinstance(value, int) else "> 0"
+            print(f"error: --{key} must be {need}, got {value}", file=sys.stderr)
+            raise SystemExit(2)
+    return settings(config)

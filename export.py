@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from model import ModelArgs, Transformer
-from checkpoint import load_checkpoint, load_model_state, model_args_from_checkpoint
+from checkpoint import load_checkpoint, load_model_state, model_from_checkpoint
 from utils import atomic_write
 
 MAGIC = 0x616B3432  # "ak42" in ASCII: llama2.c's versioned .bin header
@@ -442,9 +442,7 @@ def load_model(path: str):
         ckpt = load_checkpoint(path)
         if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
             raise FormatError(f"{path}: a PyTorch file, but not a checkpoint of this repository (model, model_args)")
-        model = Transformer(model_args_from_checkpoint(ckpt))
-        load_model_state(model, ckpt["model"])
-        return model.eval(), ckpt.get("config", {})
+        return model_from_checkpoint(ckpt), ckpt.get("config", {})
     if path.endswith(".bin") or (len(first) == 4 and struct.unpack("I", first)[0] == MAGIC):
         return load_bin(path).eval(), {}
     raise FormatError(f"{path}: unknown format (expected a .pt checkpoint, a llama2.c .bin, a GGUF file or a Hugging "

@@ -8,15 +8,15 @@ so numbers can be compared with it, with its known bugs fixed:
   - masked_var and empty responses do not crash; early stopping looks at the epoch's mean policy KL;
   - scaler=None works.
 
-The RL view (see the README): the state is query + response so far, the action the next token, the
+The RL view (docs/ppo-length.md): the state is query + response so far, the action the next token, the
 reward -kl_coef * (log pi - log pi_ref) on every response token plus the score on the last one; GAE turns
 rewards and values into advantages; the loss is PPO's clipped policy loss + vf_coef * clipped value loss.
 
-Used by `python train.py --ppo=True`, whose loop calls ppo_iteration() once per iteration; the pieces are
-importable for other rewards.
+Used by `python train.py --ppo=True` (the seed's length experiment, whose reward, query sampler and diagnostics
+are tasks/length.py) and by the RLHF chain's PPO stage (rlhf/ppo_rlhf.py): each calls ppo_iteration() once per
+iteration. The policy-gradient core (clipped_policy_loss, kl_estimate) is shared with GRPO (rlhf/grpo.py).
 """
 import math
-import random
 import statistics
 import time
 from contextlib import nullcontext
@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from generate import generate_withcache
+from utils import repeated_ngram_rate
 
 
 @dataclass
@@ -49,9 +50,9 @@ class PPOConfig:
     stop_token_id: Optional[int] = None
     # False: the KL in the loss compares only what to write, the next-token distributions renormalised without the
     # stop token, so it never pulls the decision to stop (the one a length reward judges) towards the reference's
-    # (README: that pull is what made the length creep above the target). Needs kl_mode="loss".
+    # (docs/ppo-length.md: that pull is what made the length creep above the target). Needs kl_mode="loss".
     kl_on_stop: bool = True
-    # bounds on the adaptive coefficient (README, "Holding the band"): where the length settles follows beta, so an
+    # bounds on the adaptive coefficient (docs/ppo-length.md, "Holding the band"): where the length settles follows beta, so an
     # unbounded controller that winds beta up after an overshoot of the KL, then down, moves the target with it
     kl_coef_min: float = 0.0
     kl_coef_max: Optional[float] = None
@@ -64,11 +65,11 @@ class PPOConfig:
     vf_coef: float = 0.1
     # False: no critic. Every token's advantage is its story's return, whitened over the batch (with lam = 1: the
     # return minus the batch mean, as RLOO and GRPO do), and the value head is not trained. A critic that knows
-    # no better than the batch mean only adds its own noise to every token's advantage (README, finding 19)
+    # no better than the batch mean only adds its own noise to every token's advantage (docs/ppo-length.md, finding 19)
     value_baseline: bool = True
     # False: the policy gradient acts only on the decision to stop, log p(stop) at a story's end token and
     # log(1 - p(stop)) at every other response token; what to write is left to the KL. A reward that judges only
-    # the length then reaches no token through the choice of a word (README, finding 22). Needs stop_token_id
+    # the length then reaches no token through the choice of a word (docs/ppo-length.md, finding 22). Needs stop_token_id
     pg_on_content: bool = True
     batch_size: int = 128  # rollouts per step
     mini_batch_size: int = 128  # rollouts per forward/backward
@@ -193,52 +194,6 @@ class FixedKLController:
         pass
 
 
-class LengthSampler:
-    """Uniform integer in [min_value, max_value), seeded and resumable (state_dict)."""
-
-    def __init__(self, min_value, max_value, seed=0):
-        if max_value <= min_value:
-            raise ValueError(f"LengthSampler needs min_value < max_value, got {min_value}, {max_value}")
-        self.min_value, self.max_value = min_value, max_value
-        self.rng = random.Random(seed)
-
-    def __call__(self):
-        return self.rng.randrange(self.min_value, self.max_value)
-
-    def state_dict(self):
-        return {"rng": self.rng.getstate()}
-
-    def load_state_dict(self, state):
-        version, internal, gauss = state["rng"]
-        self.rng.setstate((version, tuple(internal), gauss))
-
-
-class LengthReward:
-    """The seed's reward: r = -|target_length - story_length| / 100."""
-
-    def __init__(self, target_length):
-        self.target_length = target_length
-
-    def __call__(self, length):
-        return -abs(self.target_length - length) / 100
-
-
-def length_error_lr(length, target_length, learning_rate, min_lr, band, scale):
-    """The learning rate as a controller on the length error (README, "Holding the band"): min_lr while the mean
-    length of the rollouts about to be learnt from is within target_length +- band, rising linearly with the error
-    beyond the band to learning_rate at band + scale and above. Every seed approaches at the full rate however fast
-    its policy moves, and the rate is at its floor, never below, once there."""
-    excess = max(0.0, abs(length - target_length) - band)
-    return min_lr + (learning_rate - min_lr) * min(1.0, excess / scale)
-
-
-def repeated_ngram_rate(tokens, n=3):
-    """The fraction of a sequence's n-grams that repeat an earlier n-gram of it (0 with fewer than two):
-    degenerate text that loops scores high, the pre-trained model's stories score what they score."""
-    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
-    return (len(grams) - len(set(grams))) / len(grams) if len(grams) > 1 else 0.0
-
-
 def stack_dicts(stats_dicts):
     """[{"a": {"b": t}}, ...] -> {"a/b": mean of t over the list} as floats."""
     flat = {}
@@ -259,7 +214,7 @@ def flatten_dict(d, prefix=""):
 
 
 # -----------------------------------------------------------------------------
-# the policy-gradient core, shared by PPOTrainer and grpo.py
+# the policy-gradient core, shared by PPOTrainer and rlhf/grpo.py
 
 KL_ESTIMATORS = ("kl", "k1", "abs", "mse", "k2", "k3", "full")
 
@@ -575,7 +530,7 @@ class PPOTrainer:
 
         t = time.time()
         stats = self.record_step_stats(scores, logprobs, ref_logprobs, non_score_reward, masks, all_stats)
-        if cfg.stop_token_id is not None:  # the batch as the step saw it, for stop_diagnostics
+        if cfg.stop_token_id is not None:  # the batch as the step saw it, for the caller's diagnostics
             self.last_batch = dict(logprobs=logprobs, ref_logprobs=ref_logprobs, stop_logprobs=stop_logprobs,
                                    ref_stop_logprobs=ref_stop_logprobs, is_stop=is_stop, masks=masks, values=values,
                                    returns=returns, advantages=advantages, kl_coef=float(self.kl_ctl.value))
@@ -617,61 +572,8 @@ class PPOTrainer:
         return stats
 
 
-def stop_diagnostics(batch, target_length, kl_on_stop=True, kl_mode="loss", width=10):
-    """What acts on the decision to stop near a target story length, from one step's batch (PPOTrainer.last_batch,
-    before the step's updates): at response positions where stopping gives a story within target_length +- width,
-    the policy's and the reference's probability of stopping, and the derivative of the loss with respect to the
-    stop logit summed there (per response token, as the losses average), split into the policy gradient's part
-    -A (1[stop] - p) and the k3 KL-in-the-loss part kl_coef (pi_ref/pi - 1)(p - 1[stop]) (0 with kl_on_stop=False:
-    the stop logit has no gradient). Positive: gradient descent lowers the stop logit, i.e. stories get longer.
-    Also the mean advantage of the stop tokens by where they end, the value error over each response's last 10
-    tokens, the exact KL of the stop decisions per story, and kl_coef x the KL per response token (beta * k)."""
-    masks, is_stop = batch["masks"], batch["is_stop"].float()
-    p, q = batch["stop_logprobs"].exp(), batch["ref_stop_logprobs"].exp()
-    story_len = torch.arange(1, masks.size(1) + 1, device=masks.device).expand_as(masks)  # stopping after token t
-    near = masks * ((story_len - target_length).abs() <= width)
-    n_tokens = masks.sum().clamp(min=1)
-    adv, beta = batch["advantages"], batch["kl_coef"]
-    grad_pg = (-adv * (is_stop - p) * near).sum() / n_tokens
-    ratio = torch.exp(batch["ref_logprobs"] - batch["logprobs"])
-    grad_kl = (beta * (ratio - 1) * (p - is_stop) * near).sum() / n_tokens if kl_on_stop and kl_mode == "loss" \
-        else torch.zeros(())
-    ended = masks * is_stop
-
-    def mean_adv(where):
-        return (adv * where).sum().item() / max(1.0, where.sum().item())
-    last10 = masks * (masks.flip(1).cumsum(1).flip(1) <= 10)
-    eps = 1e-12
-    stop_kl = (p * (torch.log(p + eps) - torch.log(q + eps))
-               + (1 - p) * (torch.log1p(-p + eps) - torch.log1p(-q + eps))) * masks
-    kl_per_story = ((batch["logprobs"] - batch["ref_logprobs"]) * masks).sum(1).mean()
-    return {"stop/p_policy_near_target": (p * near).sum().item() / max(1.0, near.sum().item()),
-            "stop/p_ref_near_target": (q * near).sum().item() / max(1.0, near.sum().item()),
-            "stop/grad_pg_near_target": grad_pg.item(), "stop/grad_kl_near_target": grad_kl.item(),
-            "stop/adv_end_short": mean_adv(ended * (story_len < target_length - width)),
-            "stop/adv_end_near": mean_adv(ended * ((story_len - target_length).abs() <= width)),
-            "stop/adv_end_long": mean_adv(ended * (story_len > target_length + width)),
-            "stop/value_error_last10": (((batch["values"] - batch["returns"]) ** 2 * last10).sum()
-                                        / last10.sum().clamp(min=1)).item(),
-            "stop/kl_stop_decisions": stop_kl.sum(1).mean().item(),
-            "stop/beta_k": beta * (kl_per_story / masks.sum(1).mean().clamp(min=1)).item()}
-
-
 # -----------------------------------------------------------------------------
 # one iteration of the seed's loop (section 3.2.1): queries -> rollouts -> rewards -> PPO step
-
-def story_queries(next_batch: Callable, n: int, query_length: Callable[[], int], bos_id: int) -> List[List[int]]:
-    """n queries for the length experiment: BOS + the first query_length() tokens of a story, one per row of the
-    token batches next_batch() -> (X, Y) returns (the first story that begins in the row)."""
-    queries = []
-    while len(queries) < n:
-        X, _ = next_batch()
-        for row in X.tolist():
-            if bos_id in row:
-                begin = row.index(bos_id)
-                queries.append(row[begin: begin + query_length() + 1])
-    return queries[:n]
-
 
 def story_lengths(queries, responses, stop_id):
     """Each story's length (query + response tokens, the end token not counted) and whether it ended (its
@@ -711,10 +613,6 @@ def ppo_iteration(trainer: PPOTrainer, policy, queries: List[List[int]], reward_
     stats = trainer.step([torch.tensor(q, device=device) for q in queries],
                          [torch.tensor(r, device=device) for r in responses],
                          [torch.tensor(s, device=device) for s in scores])
-    if trainer.config.stop_token_id is not None and hasattr(reward_fn, "target_length"):
-        cfg = trainer.config
-        stats.update(stop_diagnostics(trainer.last_batch, reward_fn.target_length, cfg.kl_on_stop, cfg.kl_mode))
-        del trainer.last_batch
     stories = [q + r[:len(r) - e] for q, r, e in zip(queries, responses, ended)]
     stats.update({"rollouts": n, "reward_mean": sum(scores) / n, "length_mean": length_mean,
                   "length_std": (sum((x - length_mean) ** 2 for x in lengths) / max(1, n - 1)) ** 0.5,

@@ -1,10 +1,10 @@
 """
 Plots and reports: the PPO curves of train.py --ppo=True (plot_ppo_metrics; several runs: plot_ppo_runs), and
 the RLHF chain's report (build_report: report.json, report.md and the over-optimisation figure from a folder of
-evaluate.py results, the reward model's rm.json, best_of_n.py's bon.json and the pilot). matplotlib is optional:
+rlhf/evaluate.py results, the reward model's rm.json, rlhf/best_of_n.py's bon.json and the pilot). matplotlib is optional:
 without it the tables are still written and the plots are skipped.
 
-    python evaluate.py --report=out/rlhf     # the chain's report (rlhf_cpu.sh runs it last)
+    python -m rlhf.evaluate --report=out/rlhf     # the chain's report (rlhf/run_cpu.sh runs it last)
     python -c "import report; report.plot_ppo_metrics('stories260K/metrics.jsonl', 'ppo.png', 200)"
     python bench/ppo_summary.py --targets --plot=seeds.png "seed 1=s1/metrics.jsonl" ...   # plot_ppo_runs
 """
@@ -120,7 +120,7 @@ def build_report(folder):
             e = json.load(f)
         evals[e["name"]] = e
     if not evals:
-        fail(f"no eval_*.json in {folder}: run evaluate.py on some checkpoints first")
+        fail(f"no eval_*.json in {folder}: run `python -m rlhf.evaluate` on some checkpoints first")
     evals = dict(sorted(evals.items(), key=lambda kv: report_order(kv[0])))
     extra = {}
     for key in ("rm", "bon", "check", "pilot"):
@@ -259,7 +259,7 @@ def peaks(evals):
 
 
 def targets(evals, extra):
-    """The chain's targets against what was measured (story task: issue 22's list)."""
+    """The chain's targets against what was measured (the story task's list, docs/rlhf-chain.md)."""
     out = []
     sft, pre = evals.get("sft"), evals.get("pretrained")
 

@@ -13,8 +13,9 @@ One GPU:        python train.py --compile=True
 Many GPUs:      torchrun --standalone --nproc_per_node=4 train.py   (DDP; gloo on CPU, NCCL on CUDA)
 PPO (RLHF), from out_dir/ckpt.pt (e.g. stories260K.pt copied there):
     python train.py config/ppo_length_cpu.py     # the length experiment on a CPU in ~11-13 minutes
-    python train.py --out_dir=stories260K --init_from=resume --ppo=True --batch_size=50 ... (the seed's; see README)
-The RLHF chain's PPO (a learned reward on the story or instruction task) is ppo_rlhf.py.
+    python train.py --out_dir=stories260K --init_from=resume --ppo=True --batch_size=50 ... (the seed's; README)
+The length experiment's reward, query sampler and diagnostics are tasks/length.py (docs/ppo-length.md); the RLHF
+chain's PPO (a learned reward on the story or instruction task) is rlhf/ppo_rlhf.py.
 """
 import math
 import os
@@ -36,7 +37,7 @@ from model import ModelArgs, Transformer, TransformerWithValueHead
 from tinystories import BatchStream, DataError, Task, file_sha256, read_meta
 from tokenizer import find_tokenizer, load_tokenizer
 from report import plot_ppo_metrics
-from utils import DTYPES, MetricsLog, cosine_lr, fail, pick_device, pick_dtype, should_compile
+from utils import DTYPES, MetricsLog, cosine_lr, fail, pick_device, pick_dtype, set_lr, should_compile
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -80,7 +81,7 @@ dtype = "auto"  # auto (bfloat16 on CUDA if supported, else float32), float32, b
 compile = "auto"  # torch.compile the training step (and PPO's decode step): auto = on CUDA, and on a CPU when the run
 # is long enough to repay compiling (utils.should_compile)
 seed = 1337
-# PPO (RLHF): reward = -|target_len - story length| / 100, see ppo.py
+# PPO (RLHF): reward = -|target_len - story length| / 100 (tasks/length.py), trained by ppo.py
 ppo = False
 start_len = 30  # queries are BOS + the first 0..start_len-1 tokens of a story
 max_gen_len = 300  # new tokens per rollout at most
@@ -101,7 +102,7 @@ length_band = 10.0  # the band around target_len that --hold_rollouts and --lr_l
 # few per iteration to approach the target (how far it moves is set per iteration), more to hold it (less noise)
 hold_rollouts = 0
 # > 0: each iteration's learning rate follows its rollouts' length error instead of the schedule: min_lr inside
-# target_len +- length_band, up to learning_rate at length_band + lr_length_scale tokens off (ppo.length_error_lr)
+# target_len +- length_band, up to learning_rate at length_band + lr_length_scale tokens off (tasks.length.length_error_lr)
 lr_length_scale = 0.0
 kl_on_stop = True  # False (with kl_mode=loss): the KL leaves the decision to stop to the reward (ppo.PPOConfig)
 early_stop_kl = 1.0  # stop an iteration's PPO epochs once the policy KL exceeds 1.5x this (TRL: target_kl)
@@ -165,8 +166,8 @@ else:
     master_process, seed_offset, ddp_world_size = True, 0, 1
 
 if ppo:  # every PPO setting is checked here, before anything is loaded
-    from ppo import (LengthReward, LengthSampler, PPOConfig, PPOTrainer, length_error_lr, ppo_iteration,
-                     story_queries)
+    from ppo import PPOConfig, PPOTrainer, ppo_iteration
+    from tasks.length import LengthReward, LengthSampler, length_error_lr, stop_diagnostics, story_queries
     try:
         ppoconf = PPOConfig(
             seed=seed + seed_offset, adap_kl_ctrl=adap_kl_ctrl, adap_kl_rule=adap_kl_rule, init_kl_coef=init_kl_coef,
@@ -449,9 +450,7 @@ def pretrain_loop(iter_num, best_val_loss):
     start_iter, running_mfu = iter_num, -1.0
     t0 = t_start = time.time()
     while True:
-        lr = get_lr(iter_num)
-        for param_group in optimizer.param_groups:
-            param_group["lr"] = lr
+        lr = set_lr(optimizer, get_lr(iter_num))
 
         # evaluate, checkpoint
         if (iter_num % eval_interval == 0 or iter_num > max_iters) and master_process:
@@ -524,16 +523,13 @@ def ppo_loop(iter_num, best_reward):
         length_mean = ppo_trainer._all_reduce_mean(length_mean)  # every rank decides the same
         in_band = in_band or abs(length_mean - target_len) <= length_band  # --hold_rollouts from the next iteration
         if lr_length_scale > 0:  # the length error sets this step's rate
-            lr = length_error_lr(length_mean, target_len, learning_rate, min_lr, length_band, lr_length_scale)
-            for param_group in optimizer.param_groups:
-                param_group["lr"] = lr
+            lr = set_lr(optimizer, length_error_lr(length_mean, target_len, learning_rate, min_lr, length_band,
+                                                   lr_length_scale))
 
     in_band = bool(ppo_state and ppo_state.get("in_band"))
 
     while True:
-        lr = get_lr(iter_num)
-        for param_group in optimizer.param_groups:
-            param_group["lr"] = lr
+        lr = set_lr(optimizer, get_lr(iter_num))
 
         # evaluate (the language-model loss, to watch forgetting), keep the best-reward policy
         if (iter_num % eval_interval == 0 or iter_num > max_iters) and master_process and (iter_num > start_iter or eval_only):
@@ -554,6 +550,9 @@ def ppo_loop(iter_num, best_reward):
         stats = ppo_iteration(ppo_trainer, raw_model, sample_queries(ppoconf.batch_size), reward_fn, max_gen_len,
                               stop_id=enc.bos_id, decode_fn=decode_fn,
                               on_length=on_length)
+        # what acts on the decision to stop near the target, from the batch the step saw
+        stats.update(stop_diagnostics(ppo_trainer.last_batch, target_len, ppoconf.kl_on_stop, ppoconf.kl_mode))
+        del ppo_trainer.last_batch
         if not math.isfinite(stats["ppo/loss/total"]):
             fail(f"non-finite PPO loss at iteration {iter_num}; nothing was saved after it: the last good checkpoint "
                  f"is {ppo_ckpt_path if os.path.exists(ppo_ckpt_path) else ckpt_path}. Try a lower --learning_rate")

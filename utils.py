@@ -1,6 +1,6 @@
 """
 Small helpers every script shares: one-line errors, atomic file writes, device and dtype selection, the
-`--compile=auto` rule, the JSONL metrics log. (Checkpoints: checkpoint.py; the tokenizer of a model: tokenizer.py;
+`--compile=auto` rule, the JSONL metrics log, the learning-rate schedule, and the repeated-n-gram rate of a text. (Checkpoints: checkpoint.py; the tokenizer of a model: tokenizer.py;
 plots and reports: report.py.)
 """
 import contextlib
@@ -62,7 +62,7 @@ def pick_device(device="auto"):
 
 
 # --compile=auto compiles a step when the run repeats it at least this many times, so that the time it saves repays
-# compiling (measured on a 2-core CPU: README, "When --compile=auto compiles"). The training step runs 1.05-1.25x
+# compiling (measured on a 2-core CPU: docs/speed.md, "When --compile=auto compiles"). The training step runs 1.05-1.25x
 # faster compiled after 13-65 s of compiling; a decode call saves ~2-3 ms (260K, batch 1 to 32) after 6-29 s. A GPU
 # saves more per step, so the same counts are conservative there.
 COMPILE_PAYS_AFTER = {"train": 1000, "decode": 8000}
@@ -115,3 +115,17 @@ def cosine_lr(it, learning_rate, min_lr, warmup_iters, decay_iters):
     decay_ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))
     return min_lr + coeff * (learning_rate - min_lr)
+
+
+def set_lr(optimizer, lr):
+    """Set every parameter group's learning rate to lr (one schedule step); returns lr."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def repeated_ngram_rate(tokens, n=3):
+    """The fraction of a sequence's n-grams that repeat an earlier n-gram of it (0 with fewer than two):
+    degenerate text that loops scores high, the pre-trained model's stories score what they score."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return (len(grams) - len(set(grams))) / len(grams) if len(grams) > 1 else 0.0

@@ -7,8 +7,8 @@ tokens/s, median of 3, all in one run. Also checks that llama.cpp's greedy token
     pip install gguf llama-cpp-python transformers   # llama-cpp-python builds llama.cpp from source (~10 min on 2 cores)
     python bench/bench_llama_cpp.py                  # stories260K (bundled) and a 15M model (random weights)
 
-The 15M row needs a 32000-token sentencepiece model (--tokenizer_32k, default ../shared/llama2/tokenizer.model) to
-embed in its GGUF; without it the row is left out.
+The 15M row needs a 32000-token sentencepiece model (--tokenizer_32k, default Llama 2's tokenizer.model at the
+repository root, where vocab_source=llama2 looks for it) to embed in its GGUF; without it the row is left out.
 """
 import argparse
 import os
@@ -40,8 +40,7 @@ def llama_cpp_tokens(llm, bos, n):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--tokenizer_32k", default=os.path.join(os.path.dirname(ROOT), "shared", "llama2",
-                                                                "tokenizer.model"))
+    parser.add_argument("--tokenizer_32k", default=os.path.join(ROOT, "tokenizer.model"))
     args = parser.parse_args()
     try:
         import llama_cpp

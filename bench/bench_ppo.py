@@ -33,8 +33,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from common import print_table  # noqa: E402
 from generate import compile_decode, generate_withcache  # noqa: E402
-from ppo import LengthReward, LengthSampler, PPOConfig, PPOTrainer  # noqa: E402
-from rlhf import load_policy  # noqa: E402
+from ppo import PPOConfig, PPOTrainer  # noqa: E402
+from rlhf.common import load_policy  # noqa: E402
+from tasks.length import LengthReward, LengthSampler  # noqa: E402
 
 KINDS = ("reference", "reference_compiled", "ours", "ours_compiled")
 ROLLOUTS, MINI_BATCH, EPOCHS, MAX_GEN_LEN, START_LEN, TARGET_LEN, BOS = 400, 50, 4, 300, 30, 200, 1

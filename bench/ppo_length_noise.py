@@ -1,10 +1,10 @@
 """
 How much of a PPO iteration's mean story length is sampling noise: from one policy checkpoint, without training,
 draw --reps batches of --rollouts rollouts exactly as train.py's PPO iterations do (the queries of
-ppo.story_queries, temperature 1, the end token kept), first with fresh queries per batch, then with the same
+tasks.length.story_queries, temperature 1, the end token kept), first with fresh queries per batch, then with the same
 queries every time, and compare the standard deviation of the batches' mean lengths with what independent
 rollouts give, the spread / sqrt(rollouts). A PPO run's means vary more than this from iteration to iteration;
-the difference is the policy's movement between iterations (README, "Holding the band on every seed").
+the difference is the policy's movement between iterations (docs/ppo-length.md, "Holding the band on every seed").
 
     python bench/ppo_length_noise.py --checkpoint=stories260K/ppo_last.pt            # CPU, ~1.5 minutes
     python bench/ppo_length_noise.py --checkpoint=out/ppo_ckpt.pt --rollouts=320 --reps=20 --device=cuda
@@ -19,10 +19,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from checkpoint import load_checkpoint, load_model_state, model_args_from_checkpoint  # noqa: E402
+from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from generate import generate_withcache  # noqa: E402
-from model import Transformer  # noqa: E402
-from ppo import LengthSampler, story_lengths, story_queries  # noqa: E402
+from ppo import story_lengths  # noqa: E402
+from tasks.length import LengthSampler, story_queries  # noqa: E402
 from tinystories import BatchStream, DataError  # noqa: E402
 
 
@@ -43,10 +43,8 @@ def main():
         checkpoint = load_checkpoint(args.checkpoint)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    model_args = model_args_from_checkpoint(checkpoint)
-    model = Transformer(model_args)
-    load_model_state(model, checkpoint["model"])
-    model.to(args.device).eval()
+    model = model_from_checkpoint(checkpoint).to(args.device)
+    model_args = model.params
     try:
         stream = BatchStream(split="train", seed=args.seed, batch_size=64, max_seq_len=model_args.max_seq_len,
                              vocab_size=model_args.vocab_size, vocab_source="custom", device="cpu", num_workers=0)

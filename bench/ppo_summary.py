@@ -12,7 +12,7 @@ Several runs of one recipe (e.g. seeds 1-5) against the recipe's targets, one ro
 
     python bench/ppo_summary.py --targets "seed 1=out/s1/metrics.jsonl" "seed 2=out/s2/metrics.jsonl" ...
 
-The targets (issue 24): the band (target +- 10) reached within 1,000 rollouts; from there >= 40 consecutive
+The targets (docs/ppo-length.md): the band (target +- 10) reached within 1,000 rollouts; from there >= 40 consecutive
 iterations in it and none outside target +- 20; at the end kl_ref <= 10 and entropy >= 1.0; the learning rate never
 below 20% of its peak once the band is reached; the loop (the iterations' time_s) within 15 minutes.
 """

@@ -1,5 +1,6 @@
-"""Shared test helpers. Tests that need ../shared (the published stories260K model, TinyStories excerpt)
-skip with a clear reason when it is absent, so the suite also passes on a fresh machine."""
+"""Shared test helpers. Tests that need the reference data folder (SHARED_DIR, default: `shared` beside the repository,
+with the published stories260K files and a TinyStories excerpt) skip with a clear reason when it is absent, so the
+suite also passes without it."""
 import io
 import json
 import os
@@ -16,15 +17,16 @@ sys.path.insert(0, REPO)
 
 
 def shared_path(*parts):
-    """Path inside ../shared, or skip the test when it is not there."""
+    """Path inside the reference data folder, or skip the test when it is not there."""
     path = os.path.join(SHARED, *parts)
     if not os.path.exists(path):
-        pytest.skip(f"{path} not found: this test needs the reference files of ../shared (present in CI)")
+        pytest.skip(f"{path} not found: this test needs a reference file (set SHARED_DIR to the folder that holds it)")
     return path
 
 
 def run(args, cwd=None, env=None, check=True, timeout=600):
-    """Run a repository script (`python script.py ...`) as a user would; returns the CompletedProcess."""
+    """Run a repository script (`python script.py ...`, or `python -m package.module ...` with args starting
+    ["-m", name]) as a user would; returns the CompletedProcess."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     proc = subprocess.run([sys.executable, *args], cwd=cwd or REPO, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
@@ -45,12 +47,16 @@ def run_in_process(args):
     import traceback
     out, err, code = io.StringIO(), io.StringIO(), 0
     argv, cwd = sys.argv, os.getcwd()
+    as_module = args[0] == "-m"
     try:
-        sys.argv = [args[0], *args[1:]]
+        sys.argv = [args[1] if as_module else args[0], *args[2 if as_module else 1:]]
         os.chdir(REPO)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                runpy.run_path(args[0], run_name="__main__")
+                if as_module:
+                    runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+                else:
+                    runpy.run_path(args[0], run_name="__main__")
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
                 if isinstance(e.code, str):
@@ -66,6 +72,11 @@ def run_in_process(args):
 
 def script(name):
     return os.path.join(REPO, name)
+
+
+def stage(name):
+    """The command line of an RLHF chain stage: `python -m rlhf.<name>`."""
+    return ["-m", f"rlhf.{name}"]
 
 
 def synthetic_archive(path, n_shards=3, stories_per_shard=300, seed=0):
@@ -108,13 +119,10 @@ def prepare_synthetic_data(root, vocab_size=300, stories_per_shard=200):
 @pytest.fixture(scope="session")
 def stories260k():
     """(model, tokenizer) of the published stories260K, in eval mode."""
-    from checkpoint import load_checkpoint, load_model_state, model_args_from_checkpoint
-    from model import Transformer
+    from checkpoint import load_checkpoint, model_from_checkpoint
     from tokenizer import Tokenizer
-    ckpt = load_checkpoint(shared_path("stories260K", "stories260K.pt"))
-    model = Transformer(model_args_from_checkpoint(ckpt))
-    load_model_state(model, ckpt["model"])
-    return model.eval(), Tokenizer(shared_path("stories260K", "tok512.model"))
+    model = model_from_checkpoint(load_checkpoint(shared_path("stories260K", "stories260K.pt")))
+    return model, Tokenizer(shared_path("stories260K", "tok512.model"))
 
 
 @pytest.fixture(scope="session")

@@ -79,7 +79,7 @@ def test_compile_auto_is_one_rule_on_the_run_length(monkeypatch, capsys):
         assert should_compile("auto", "mps", step, 10 * pays) is False
         assert should_compile(True, "cpu", step, 0) is True
         assert should_compile(False, "cuda", step, 10 * pays) is False
-    assert COMPILE_PAYS_AFTER == {"train": 1000, "decode": 8000}  # the README's measured thresholds
+    assert COMPILE_PAYS_AFTER == {"train": 1000, "decode": 8000}  # the measured thresholds (docs/speed.md)
     monkeypatch.setattr(shutil, "which", lambda name: None)  # no C++ compiler for inductor
     assert should_compile("auto", "cpu", "train", 10**6) is False
     assert should_compile("auto", "cuda", "train", 10**6) is True

@@ -1,6 +1,6 @@
 """The seed's pipeline end to end, as a user runs it: download -> train_vocab -> pretokenize -> train ->
-resume -> sample, on real TinyStories (../shared) served over HTTP from 127.0.0.1, or on a generated
-corpus where ../shared is absent, so the suite means something without it."""
+resume -> sample, on real TinyStories (the reference excerpt) served over HTTP from 127.0.0.1, or on a generated
+corpus where it is absent, so the suite means something without it."""
 import functools
 import http.server
 import io
@@ -81,8 +81,8 @@ def pipeline(tmp_path, url, vocab_size, iters):
 
 
 def test_pipeline_over_http(tmp_path, http_server):
-    """On the real TinyStories excerpt (../shared) when it is there, else on a generated corpus: the same commands
-    either way, so one run covers the pipeline and the suite still means something without ../shared."""
+    """On the real TinyStories excerpt (the reference data folder) when it is there, else on a generated corpus: the same commands
+    either way, so one run covers the pipeline and the suite still means something without it."""
     archive = os.path.join(SHARED, "tinystories", "TinyStories_all_data.tar.gz")
     if os.path.exists(archive):
         pipeline(tmp_path, http_server(os.path.dirname(archive)) + "/TinyStories_all_data.tar.gz", vocab_size=512,

@@ -7,11 +7,11 @@ import torch
 from conftest import run, script
 from generate import generate_withcache
 from model import ModelArgs, Transformer, TransformerWithValueHead
-from ppo import (AdaptiveKLController, DualKLController, FixedKLController, LengthReward, LengthSampler, PPOConfig, PPOTrainer,
-                 length_error_lr, ppo_iteration, stop_diagnostics, without_stop,
-                 clip_by_value, entropy_from_logits, logprobs_from_logits, masked_mean, masked_var, masked_whiten,
-                 repeated_ngram_rate)
-from utils import cosine_lr
+from ppo import (AdaptiveKLController, DualKLController, FixedKLController, PPOConfig, PPOTrainer, clip_by_value,
+                 entropy_from_logits, logprobs_from_logits, masked_mean, masked_var, masked_whiten, ppo_iteration,
+                 without_stop)
+from tasks.length import LengthReward, LengthSampler, length_error_lr, stop_diagnostics
+from utils import cosine_lr, repeated_ngram_rate
 
 SMALL = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32, multiple_of=4, max_seq_len=64)
 
@@ -716,7 +716,7 @@ def test_ppo_reaches_a_target_length_and_holds_it_by_control(length_reference, s
 def test_ppo_length_leaves_the_band_when_the_kl_pulls_the_stop_decision(length_reference):
     """The contrast that shows the test above can fail: the same run with the KL also on the decision to stop
     (kl_on_stop=True) and a strong fixed beta (2.0) is pulled towards the reference's longer stories and sits above
-    14 + 1 (README, "Holding the band": the pull on the stop decisions made the length creep up)."""
+    14 + 1 (docs/ppo-length.md, "Holding the band": the pull on the stop decisions made the length creep up)."""
     lengths, _, _ = run_length_ppo(length_reference, 0, kl_on_stop=True, adap_kl_ctrl=False, init_kl_coef=2.0,
                                    kl_coef_min=0.0, kl_coef_max=None)
     assert sum(lengths[-20:]) / 20 > 15, lengths
@@ -726,7 +726,7 @@ def test_ppo_length_leaves_the_band_when_the_kl_pulls_the_stop_decision(length_r
 
 @pytest.fixture(scope="module")
 def tiny_run(synthetic_data):
-    """The session's generated TinyStories-like data and tokenizer, and a briefly pre-trained tiny model in
+    """The test session's generated TinyStories-like data and tokenizer, and a briefly pre-trained tiny model in
     ppo_base/ckpt.pt."""
     root, env = synthetic_data
     model = ["--vocab_source=custom", "--vocab_size=300", "--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2",

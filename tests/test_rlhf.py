@@ -12,14 +12,14 @@ import re
 import pytest
 import torch
 
-from conftest import REPO, run, run_in_process, script, shared_path
-from instruct import (InstructData, WordStats, constraint_scores, gold, has_dialogue, prompt_text, relabel,
-                      score_length, score_sentence, score_words, sentences_of, stem)
+from conftest import REPO, run, run_in_process, shared_path, stage
 from model import ModelArgs, TransformerWithValueHead
 from ppo import clipped_policy_loss
-from rlhf import (best_of_n_kl_bound, best_of_n_weights, dpo_loss, group_advantages, make_batch, pad_right,
-                  pairwise_loss, preference_pairs, response_logprobs, reward_scores, rm_sequence)
+from rlhf.common import (best_of_n_kl_bound, best_of_n_weights, dpo_loss, group_advantages, make_batch, pad_right,
+                         pairwise_loss, preference_pairs, response_logprobs, reward_scores, rm_sequence)
 from stats import bootstrap_ci, pair_accuracy, paired_diff_ci, spearman
+from tasks.instruct import (InstructData, WordStats, constraint_scores, gold, has_dialogue, prompt_text, relabel,
+                            score_length, score_sentence, score_words, sentences_of, stem)
 
 STORY = ('Once upon a time, Lily jumped over the puddles. She was happier than ever. "Look, Mom!" she said. '
          'The sun shone on the shiny trees and Lily hopped home.')
@@ -29,7 +29,7 @@ STORY = ('Once upon a time, Lily jumped over the puddles. She was happier than e
 # the story task's gold components, on hand-written stories
 
 def test_utterance_needs_three_words_in_either_kind_of_quotes():
-    from story import has_utterance
+    from tasks.story import has_utterance
     assert has_utterance('Lily said, "I love my red ball." Then she ran.')
     assert has_utterance("Tom shouted, \u201cLook at the big dog!\u201d")
     assert not has_utterance('Mom said, "Yes." Tom said "No way".')  # one and two words
@@ -39,7 +39,7 @@ def test_utterance_needs_three_words_in_either_kind_of_quotes():
 
 
 def test_happy_ending_reads_the_last_sentence_only():
-    from story import happy_ending
+    from tasks.story import happy_ending
     assert happy_ending("The dog ran away. Then it came back and they were happy.")
     assert happy_ending('They hugged and went home. "I love you," said Mom.')  # "love" in the last sentence
     assert not happy_ending("They were happy. Then the rain came and the dog was lost.")  # happy, but not at the end
@@ -49,7 +49,7 @@ def test_happy_ending_reads_the_last_sentence_only():
 
 
 def test_keeps_character_and_names_in_the_prompt():
-    from story import keeps_character, prompt_names
+    from tasks.story import keeps_character, prompt_names
     names = {"Lily", "Tom", "Ben"}
     assert prompt_names("Once upon a time, there was a girl named Lily", True, names) == ["Lily"]
     assert prompt_names("Once upon a time, there was a girl named Lily", False, names) == []  # maybe cut: Lily|anna
@@ -62,7 +62,7 @@ def test_keeps_character_and_names_in_the_prompt():
 
 
 def test_fluency_repetition_and_completeness_anchors():
-    from story import FLUENT_ANCHORS, MIN_STORY_TOKENS, REPETITION_ZERO, complete, fluency, not_repetitive
+    from tasks.story import FLUENT_ANCHORS, MIN_STORY_TOKENS, REPETITION_ZERO, complete, fluency, not_repetitive
     lo, hi = FLUENT_ANCHORS
     assert fluency(lo) == 1.0 and fluency(lo - 0.5) == 1.0 and fluency(hi) == 0.0 and fluency(hi + 1) == 0.0
     assert fluency((lo + hi) / 2) == pytest.approx(0.5)
@@ -78,8 +78,8 @@ def test_fluency_repetition_and_completeness_anchors():
 def test_story_task_scores_hand_written_stories(tmp_path):
     """StoryTask.score on hand-made responses: the end token, the length band, quotes, the ending, the name, and
     gold the mean of the components present (character left out for a prompt without a name)."""
-    from story import MIN_STORY_TOKENS, StoryTask
-    from tasks import Example, gold_of
+    from tasks.story import MIN_STORY_TOKENS, StoryTask
+    from tasks.common import Example, gold_of
     from tokenizer import Tokenizer
     enc = Tokenizer(os.path.join(REPO, "stories260K", "tok512.model"))
     task = StoryTask.__new__(StoryTask)  # no data needed to score: set what score() reads
@@ -107,7 +107,7 @@ def test_story_task_scores_hand_written_stories(tmp_path):
 def test_both_tasks_behind_one_interface():
     """load_task gives either task: held-out prompts from shard 0 only, fixed; training prompts redrawn per epoch;
     every prompt starts with BOS; score() gives per-component values in [0, 1] for each response."""
-    from tasks import load_task
+    from rlhf.common import load_task
     from tokenizer import Tokenizer
     data_dir = shared_path("tinystories", "TinyStories_all_data")
     enc = Tokenizer(os.path.join(REPO, "stories260K", "tok512.model"))
@@ -371,13 +371,13 @@ def test_every_stage_runs_tiny_and_seeded(tmp_path):
     env = {"DATA_CACHE_DIR": str(tmp_path / "data")}
     common = [f"--data_dir={data_dir}", "--compile=False"]
     out = tmp_path / "rlhf"
-    proc = run([script("sft.py"), f"--data_dir={data_dir}", f"--out_dir={out / 'sft'}", "--max_iters=4",
+    proc = run([*stage("sft"), f"--data_dir={data_dir}", f"--out_dir={out / 'sft'}", "--max_iters=4",
                 "--batch_size=4", "--eval_interval=2", "--top_fraction=0.05"], env=env)
     kept, of = map(int, re.search(r"SFT on (\d+) of (\d+) training stories", proc.stdout).groups())
     assert 200 <= of <= 300 and kept == round(0.05 * of)  # the stories that make a prompt and fit, 5% kept
     sft = str(out / "sft" / "ckpt.pt")
     assert json.load(open(out / "sft" / "sft_data.json"))["kept_gold"] > json.load(open(out / "sft" / "sft_data.json"))["all_gold"]
-    run([script("reward_model.py"), *common, f"--policy={sft}", f"--out_dir={out / 'rm'}", "--n_train_prompts=8",
+    run([*stage("reward_model"), *common, f"--policy={sft}", f"--out_dir={out / 'rm'}", "--n_train_prompts=8",
          "--n_heldout_prompts=4", "--samples_per_prompt=3", "--batch_size=2", "--epochs=1"], env=env)
     rm = json.load(open(out / "rm" / "rm.json"))
     assert rm["train_pairs"] > 0 and 0.0 <= rm["accuracy"] <= 1.0 and set(rm["trivial"]) == {
@@ -386,62 +386,62 @@ def test_every_stage_runs_tiny_and_seeded(tmp_path):
     pool = [json.loads(x) for x in open(out / "rm" / "pool_train.jsonl")]
     assert len(pool) == 24 and all(r["gold"] == pytest.approx(sum(r["components"].values()) / len(r["components"]))
                                    for r in pool)
-    run([script("dpo.py"), f"--policy={sft}", f"--pairs={out / 'rm' / 'pool_train.jsonl'}",
+    run([*stage("dpo"), f"--policy={sft}", f"--pairs={out / 'rm' / 'pool_train.jsonl'}",
          f"--out_dir={out / 'dpo'}", "--batch_size=2", "--epochs=1"], env=env)
     rmp = str(out / "rm" / "rm.pt")
-    run([script("grpo.py"), *common, f"--policy={sft}", f"--reward={rmp}", f"--out_dir={out / 'grpo'}",
+    run([*stage("grpo"), *common, f"--policy={sft}", f"--reward={rmp}", f"--out_dir={out / 'grpo'}",
          "--prompts_per_iter=2", "--group_size=2", "--max_iters=2", "--mini_batch_size=2", "--save_interval=1"], env=env)
     assert (out / "grpo" / "ckpt_1.pt").exists() and (out / "grpo" / "ckpt.pt").exists()
-    run([script("ppo_rlhf.py"), *common, f"--policy={sft}", f"--reward={rmp}", f"--out_dir={out / 'ppo'}",
+    run([*stage("ppo_rlhf"), *common, f"--policy={sft}", f"--reward={rmp}", f"--out_dir={out / 'ppo'}",
          "--rollouts=4", "--mini_batch_size=2", "--max_iters=2"], env=env)
     rows = [json.loads(x) for x in open(out / "ppo" / "metrics.jsonl")]
     assert [r["iter"] for r in rows] == [1, 2] and all(0.0 <= r["gold_mean"] <= 1.0 for r in rows)
-    run([script("best_of_n.py"), *common, f"--policy={sft}", f"--reward={rmp}", f"--out_dir={out}",
+    run([*stage("best_of_n"), *common, f"--policy={sft}", f"--reward={rmp}", f"--out_dir={out}",
          "--n_prompts=2", "--pool_size=4"], env=env)
     bon = json.load(open(out / "bon.json"))
     assert [r["n"] for r in bon["rows"]] == [1, 2, 4]
     for name, ckpt in (("sft", sft), ("dpo", out / "dpo" / "ckpt.pt"), ("grpo_rm@1", out / "grpo" / "ckpt_1.pt"),
                        ("ppo_rm", out / "ppo" / "ckpt.pt")):
-        run([script("evaluate.py"), *common, f"--policy={ckpt}", f"--name={name}", f"--sft={sft}",
+        run([*stage("evaluate"), *common, f"--policy={ckpt}", f"--name={name}", f"--sft={sft}",
              f"--reward_model={rmp}", f"--out_dir={out}", "--n_prompts=3"], env=env)
     e = json.load(open(out / "eval_sft.json"))
     assert e["n"] == 3 and abs(e["kl_sft"]) < 1e-3  # the SFT model against itself
     lines = [json.loads(x) for x in open(out / "samples_dpo.jsonl")]
     assert len(lines) == 3 and {"prompt", "story", "gold", "components"} <= set(lines[0])
-    proc = run([script("evaluate.py"), f"--report={out}"], env=env)
+    proc = run([*stage("evaluate"), f"--report={out}"], env=env)
     assert "| dpo |" in proc.stdout and (out / "report.md").exists() and (out / "report.json").exists()
 
 
 @pytest.mark.parametrize("args, message", [
-    (["sft.py", "--task=instruct", "--kinds=words,colour"], "--kinds must be"),
-    (["sft.py", "--task=poems"], "unknown task 'poems'"),
-    (["sft.py", "--top_fraction=0"], "--top_fraction must be"),
-    (["grpo.py", "--advantage=ppo"], "--advantage must be"),
-    (["grpo.py", "--group_size=1"], "--group_size must be"),
-    (["grpo.py", "--reward=nope.pt"], "--reward must be gold or the path of a reward model"),
-    (["grpo.py", "--policy=missing/ckpt.pt"], "missing/ckpt.pt not found"),
-    (["grpo.py", "--policy=stories260K/stories260K.pt", "--reward=stories260K/stories260K.pt"],
+    ([*stage("sft"), "--task=instruct", "--kinds=words,colour"], "--kinds must be"),
+    ([*stage("sft"), "--task=poems"], "unknown task 'poems'"),
+    ([*stage("sft"), "--top_fraction=0"], "--top_fraction must be"),
+    ([*stage("grpo"), "--advantage=ppo"], "--advantage must be"),
+    ([*stage("grpo"), "--group_size=1"], "--group_size must be"),
+    ([*stage("grpo"), "--reward=nope.pt"], "--reward must be gold or the path of a reward model"),
+    ([*stage("grpo"), "--policy=missing/ckpt.pt"], "missing/ckpt.pt not found"),
+    ([*stage("grpo"), "--policy=stories260K/stories260K.pt", "--reward=stories260K/stories260K.pt"],
      "is not a reward model"),
-    (["ppo_rlhf.py", "--reward=nope.pt"], "--reward must be gold or the path of a reward model"),
-    (["ppo_rlhf.py", "--kl_penalty=k9"], "kl_penalty must be one of"),
-    (["dpo.py", "--beta=0"], "--beta must be > 0"),
-    (["dpo.py", "--task=poems"], "unknown task 'poems'"),
-    (["reward_model.py", "--samples_per_prompt=1"], "--samples_per_prompt must be"),
-    (["evaluate.py", "--policy=stories260K/stories260K.pt", "--tokenizer=../shared/llama2/tokenizer.model"],
+    ([*stage("ppo_rlhf"), "--reward=nope.pt"], "--reward must be gold or the path of a reward model"),
+    ([*stage("ppo_rlhf"), "--kl_penalty=k9"], "kl_penalty must be one of"),
+    ([*stage("dpo"), "--beta=0"], "--beta must be > 0"),
+    ([*stage("dpo"), "--task=poems"], "unknown task 'poems'"),
+    ([*stage("reward_model"), "--samples_per_prompt=1"], "--samples_per_prompt must be"),
+    ([*stage("evaluate"), "--policy=stories260K/stories260K.pt", "--tokenizer=../shared/llama2/tokenizer.model"],
      "has 32000 tokens but the model has vocab_size=512"),
-    (["evaluate.py", "--report=/nonexistent/folder"], "no eval_"),
+    ([*stage("evaluate"), "--report=/nonexistent/folder"], "no eval_"),
 ])
 def test_bad_settings_are_refused_in_one_line(args, message):
     if any("../shared" in a for a in args):
         shared_path("llama2", "tokenizer.model")
-    proc = run_in_process([script(args[0]), *args[1:]])
+    proc = run_in_process(args)
     assert proc.returncode != 0
     lines = [x for x in proc.stderr.strip().splitlines() if not x.startswith("Overriding:")]
     assert message in proc.stderr and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
 
 
 def test_shuffled_batches_cover_each_epoch_once_in_full_batches():
-    from rlhf import shuffled_batches
+    from rlhf.common import shuffled_batches
     out = list(shuffled_batches(list(range(10)), 3, 2, seed=0))
     assert [s for s, _ in out] == list(range(6)) and all(len(b) == 3 for _, b in out)
     for epoch in (out[:3], out[3:]):

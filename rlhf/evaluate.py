@@ -1,12 +1,12 @@
 """
 Score any checkpoint on the task's held-out prompts (shard 0, never trained on): one story per prompt at
-temperature 1, judged by gold (tasks.py) with a bootstrap 95% CI, per component, the reward model's score, and the
+temperature 1, judged by gold (the tasks package) with a bootstrap 95% CI, per component, the reward model's score, and the
 guard: KL to the SFT model (nats/story), reference NLL (nats/token under the frozen pre-trained model) and the
 repeated-3-gram rate.
 
-    python evaluate.py --policy=out/rlhf/dpo/ckpt.pt --name=dpo --out_dir=out/rlhf
-    python evaluate.py --policy=stories260K/stories260K.pt --name=pretrained   # the same prompts, no SFT
-    python evaluate.py --report=out/rlhf      # report.json, report.md and the plot from every eval_*.json
+    python -m rlhf.evaluate --policy=out/rlhf/dpo/ckpt.pt --name=dpo --out_dir=out/rlhf
+    python -m rlhf.evaluate --policy=stories260K/stories260K.pt --name=pretrained   # the same prompts, no SFT
+    python -m rlhf.evaluate --report=out/rlhf      # report.json, report.md and the plot from every eval_*.json
 
 Writes out_dir/eval_<name>.json and out_dir/samples_<name>.jsonl (one {"prompt", "story", "gold", "components",
 ...} per held-out prompt). CPU: ~30 s for 128 prompts; one GPU: the same command.
@@ -17,20 +17,20 @@ import sys
 import time
 
 import configurator
-from rlhf import (guard_metrics, load_policy, load_reward_model, open_stage, reward_scores, sample_record,
-                  sample_stories, write_jsonl)
+from rlhf.common import (guard_metrics, load_frozen, load_reward_model, open_stage, reward_scores, sample_record,
+                         sample_stories, write_jsonl)
 from stats import bootstrap_ci
 from utils import atomic_write, fail
 
 # -----------------------------------------------------------------------------
-task = "story"  # story or instruct (tasks.py)
+task = "story"  # story or instruct (the tasks package)
 policy = "out/rlhf/sft/ckpt.pt"  # the checkpoint to evaluate
 name = ""  # the method's name in the file names and the report (default: the checkpoint's folder)
 out_dir = "out/rlhf"
 sft = "out/rlhf/sft/ckpt.pt"  # KL to SFT is measured against it ("" to skip)
 reference = "stories260K/stories260K.pt"  # the frozen pre-trained model (fluency and the guard's NLL)
 reward_model = ""  # a reward model (rm.pt) to report its score ("" to skip)
-tokenizer = "stories260K/tok512.model"
+tokenizer = ""  # the policy's sentencepiece model ("": found next to it or named in its checkpoint)
 data_dir = ""
 n_prompts = 128
 temperature = 1.0
@@ -40,7 +40,7 @@ compile = "auto"  # compile the decode step
 seed = 0
 report = ""  # a folder: build report.json / report.md / the plot from its eval_*.json, rm.json and bon.json (report.py)
 # -----------------------------------------------------------------------------
-configurator.apply_or_exit(globals(), sys.argv[1:])
+configurator.configure(globals(), sys.argv[1:], positive=("n_prompts", "batch_size"))
 
 
 def summarise(records, components):
@@ -64,8 +64,8 @@ def evaluate():
     dev, enc, the_task, model, decode_fn = open_stage(task, policy, tokenizer, data_dir, device, compile, seed,
                                                       reference, samples=n_prompts, batch_size=batch_size)
     try:
-        sft_model = load_policy(sft, dev) if sft else None
-        ref_model = the_task.reference() if task == "story" else load_policy(reference, dev) if reference else None
+        sft_model = load_frozen(sft, dev) if sft else None
+        ref_model = the_task.reference.model if task == "story" else load_frozen(reference, dev) if reference else None
         rm = load_reward_model(reward_model, dev) if reward_model else None
     except (FileNotFoundError, ValueError, KeyError) as e:
         fail(e)

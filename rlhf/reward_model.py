@@ -1,13 +1,13 @@
 """
 The reward model, the second step of RLHF: a scorer of (prompt, story) trained on preference pairs with the
-seed's pairwise loss -logsigmoid(r_chosen - r_rejected).mean() (rlhf.pairwise_loss), the pairs labelled by the
-task's gold judge (tasks.py).
+seed's pairwise loss -logsigmoid(r_chosen - r_rejected).mean() (rlhf.common.pairwise_loss), the pairs labelled by
+the task's gold judge (the tasks package).
 
-    python reward_model.py --policy=out/rlhf/sft/ckpt.pt --out_dir=out/rlhf/rm     # CPU: ~4 minutes
+    python -m rlhf.reward_model --policy=out/rlhf/sft/ckpt.pt --out_dir=out/rlhf/rm     # CPU: ~4 minutes
 
 1. samples_per_prompt stories for n_train_prompts training prompts and n_heldout_prompts held-out prompts
    (shard 0) from the SFT policy at temperature 1 -> out_dir/pool_train.jsonl, pool_heldout.jsonl
-   (dpo.py trains on the same training pairs);
+   (rlhf/dpo.py trains on the same training pairs);
 2. every pair of stories of a prompt whose gold differs is a preference pair (ties dropped);
 3. a TransformerWithValueHead initialised from the SFT weights, its score the value at the last real token;
 4. held-out pairwise accuracy (all pairs, clear-margin pairs, and per gold component: on the pairs that component
@@ -20,20 +20,19 @@ import os
 import sys
 import time
 
-import torch
 from tqdm import tqdm
 
 import configurator
-from rlhf import (length_only_predictor, load_policy, open_stage, pairwise_loss, preference_pairs, read_jsonl,
-                  reward_scores, rm_forward, rm_sequence, sample_record, sample_stories, save_policy,
-                  shuffled_batches, write_jsonl)
+from rlhf.common import (length_only_predictor, load_policy, open_stage, pairwise_loss, preference_pairs, read_jsonl,
+                         reward_scores, rm_forward, rm_sequence, sample_record, sample_stories, save_policy,
+                         shuffled_batches, train_step, write_jsonl)
 from stats import pair_accuracy, spearman
-from utils import MetricsLog, atomic_write, cosine_lr, fail
+from utils import MetricsLog, atomic_write, cosine_lr, fail, set_lr
 
 # -----------------------------------------------------------------------------
-task = "story"  # story or instruct (tasks.py)
+task = "story"  # story or instruct (the tasks package)
 policy = "out/rlhf/sft/ckpt.pt"  # the SFT policy: samples the pool and initialises the scorer
-tokenizer = "stories260K/tok512.model"
+tokenizer = ""  # the policy's sentencepiece model ("": found next to it or named in its checkpoint)
 reference = "stories260K/stories260K.pt"  # story task: the frozen model of gold's fluency component
 data_dir = ""
 out_dir = "out/rlhf/rm"
@@ -49,14 +48,14 @@ warmup_iters = 10
 weight_decay = 0.0
 grad_clip = 1.0
 clear_margin = 0.25  # "clear" pairs: gold differs by at least this much
-layout = "prompt_first"  # the scorer's input: prompt_first (as the policy reads it) or story_first (rlhf.rm_sequence)
+layout = "prompt_first"  # the scorer's input: prompt_first (as the policy reads it) or story_first (rm_sequence)
 reuse_pool = True  # keep an existing pool (same settings) instead of sampling it again
 device = "auto"
 compile = "auto"  # compile the sampling decode step
 seed = 1337
 # -----------------------------------------------------------------------------
-configurator.apply_or_exit(globals(), sys.argv[1:])
-config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
+config = configurator.configure(globals(), sys.argv[1:],
+                                positive=("n_train_prompts", "n_heldout_prompts", "batch_size", "epochs"))
 
 
 def sample_pool(model, examples, the_task, path, seed_, decode_fn):
@@ -86,16 +85,13 @@ def component_accuracy(records, score, components):
 
 
 def main():
-    for name in ("n_train_prompts", "n_heldout_prompts", "batch_size", "epochs"):
-        if globals()[name] < 1:
-            fail(f"--{name} must be >= 1, got {globals()[name]}")
     if layout not in ("prompt_first", "story_first"):
         fail(f"--layout must be prompt_first or story_first, got {layout!r}")
     if samples_per_prompt < 2:
         fail(f"--samples_per_prompt must be >= 2 to make pairs, got {samples_per_prompt}")
     dev, enc, the_task, model, decode_fn = open_stage(
         task, policy, tokenizer, data_dir, device, compile, seed, reference,
-        samples=(n_train_prompts + n_heldout_prompts) * samples_per_prompt)
+        samples=(n_train_prompts + n_heldout_prompts) * samples_per_prompt, config=config)
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.time()
 
@@ -122,18 +118,12 @@ def main():
     rm.train()
     t0 = time.time()
     for it, batch in shuffled_batches(train_pairs, batch_size, epochs, seed):
-        lr = cosine_lr(it, learning_rate, min_lr, warmup_iters, steps)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        lr = set_lr(optimizer, cosine_lr(it, learning_rate, min_lr, warmup_iters, steps))
         scores = rm_forward(rm, [rm_sequence(train[j]["prompt_ids"], train[j]["response"], layout)
                                  for j in [c for c, _ in batch] + [r for _, r in batch]])
         chosen, rejected = scores[: len(batch)], scores[len(batch):]
         loss = pairwise_loss(chosen, rejected).mean()
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(rm.parameters(), grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(rm, optimizer, loss, grad_clip)
         acc = (chosen > rejected).float().mean().item()
         if it % 20 == 0:
             eta = (time.time() - t0) / (it + 1) * (steps - it - 1)

@@ -4,7 +4,7 @@ PPO: train the policy on the reward model's preference pairs directly,
     loss = -logsigmoid(beta * ((log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x)))),
 with the SFT model as the frozen reference (its log-probs computed once, before training).
 
-    python dpo.py --policy=out/rlhf/sft/ckpt.pt --pairs=out/rlhf/rm/pool_train.jsonl --out_dir=out/rlhf/dpo
+    python -m rlhf.dpo --policy=out/rlhf/sft/ckpt.pt --pairs=out/rlhf/rm/pool_train.jsonl --out_dir=out/rlhf/dpo
 
 CPU: ~2 minutes; one GPU: the same command. Logs the chosen/rejected log-probs, the implicit rewards' margin
 and accuracy; writes out_dir/ckpt.pt and metrics.jsonl.
@@ -16,20 +16,20 @@ import time
 import torch
 
 import configurator
-from rlhf import (dpo_loss, load_policy, make_batch, preference_pairs, read_jsonl, response_logprobs, save_policy,
-                  sequence_logprobs, shuffled_batches)
-from tasks import TASKS
-from utils import MetricsLog, cosine_lr, fail, pick_device
+from rlhf.common import (TASKS, dpo_loss, load_frozen, load_policy, make_batch, open_tokenizer, preference_pairs,
+                         read_jsonl, response_logprobs, save_policy, sequence_logprobs, shuffled_batches, train_step)
+from utils import MetricsLog, cosine_lr, fail, pick_device, set_lr
 
 # -----------------------------------------------------------------------------
-task = "story"  # story or instruct (tasks.py): the task the pool was sampled on
+task = "story"  # story or instruct (the tasks package): the task the pool was sampled on
 policy = "out/rlhf/sft/ckpt.pt"  # the SFT policy: the initial policy and the frozen reference
-pairs = "out/rlhf/rm/pool_train.jsonl"  # the pool reward_model.py sampled; its gold-labelled pairs
+tokenizer = ""  # recorded with the policy for the next stage ("": found next to the policy or named in its checkpoint)
+pairs = "out/rlhf/rm/pool_train.jsonl"  # the pool rlhf/reward_model.py sampled; its gold-labelled pairs
 out_dir = "out/rlhf/dpo"
 beta = 0.1
 min_margin = 0.1  # use only pairs whose gold differs by more than this (near-ties are mostly sampling noise)
 batch_size = 16  # pairs per step
-epochs = 2
+epochs = 2  # over the pairs (two measured best: docs/rlhf-chain.md, "What was measured along the way")
 learning_rate = 1e-4
 min_lr = 1e-5
 warmup_iters = 5
@@ -37,16 +37,10 @@ grad_clip = 1.0
 device = "auto"
 seed = 1337
 # -----------------------------------------------------------------------------
-configurator.apply_or_exit(globals(), sys.argv[1:])
-config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
+config = configurator.configure(globals(), sys.argv[1:], positive=("beta", "batch_size", "epochs"))
 
 
 def main():
-    if beta <= 0:
-        fail(f"--beta must be > 0, got {beta}")
-    for name in ("batch_size", "epochs"):
-        if globals()[name] < 1:
-            fail(f"--{name} must be >= 1, got {globals()[name]}")
     if task not in TASKS:
         fail(f"unknown task {task!r}: use --task=story or --task=instruct")
     torch.manual_seed(seed)
@@ -54,7 +48,8 @@ def main():
         dev = pick_device(device)
         records = read_jsonl(pairs)
         model = load_policy(policy, dev)
-        reference = load_policy(policy, dev).requires_grad_(False)
+        reference = load_frozen(policy, dev)
+        config["tokenizer"] = open_tokenizer(tokenizer, policy, model.params.vocab_size).model_path
     except (FileNotFoundError, ValueError, KeyError) as e:
         fail(e)
     chosen_rejected = [(c, r) for c, r in preference_pairs(records)
@@ -75,9 +70,7 @@ def main():
     model.train()
     t0 = time.time()
     for it, batch in shuffled_batches(chosen_rejected, batch_size, epochs, seed):
-        lr = cosine_lr(it, learning_rate, min_lr, warmup_iters, steps)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        lr = set_lr(optimizer, cosine_lr(it, learning_rate, min_lr, warmup_iters, steps))
         idx = [c for c, _ in batch] + [r for _, r in batch]
         inputs, targets, _ = make_batch([prompts[j] for j in idx], [responses[j] for j in idx], dev)
         lp = response_logprobs(model, inputs, targets)[1]
@@ -85,11 +78,7 @@ def main():
         n = len(batch)
         losses, chosen_reward, rejected_reward = dpo_loss(lp[:n], lp[n:], ref[:n], ref[n:], beta)
         loss = losses.mean()
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, loss, grad_clip)
         if it % 10 == 0:
             margin = (chosen_reward - rejected_reward).mean().item()
             acc = (chosen_reward > rejected_reward).float().mean().item()

@@ -1,12 +1,12 @@
 """
 PPO on the RLHF chain's tasks (the seed's step 3 with a learned reward): ppo.PPOTrainer (TRL's legacy PPO, with a
 value head, GAE, the clipped policy and value losses) on the task's training prompts, each rollout scored by a
-reward model (reward_model.py) or by gold itself; the KL reference is the SFT policy, read by path. The seed's
-own length experiment stays in `python train.py --ppo=True`.
+reward model (rlhf/reward_model.py) or by gold itself; the KL reference is the SFT policy, read by path. The
+seed's own length experiment stays in `python train.py --ppo=True`.
 
-    python ppo_rlhf.py --policy=out/rlhf/sft/ckpt.pt --reward=out/rlhf/rm/rm.pt --out_dir=out/rlhf/ppo_rm
-    python ppo_rlhf.py --reward=gold ...        # on the gold judge (no proxy)
-    python ppo_rlhf.py --init_kl_coef=0 ...     # no KL: the proxy alone
+    python -m rlhf.ppo_rlhf --policy=out/rlhf/sft/ckpt.pt --reward=out/rlhf/rm/rm.pt --out_dir=out/rlhf/ppo_rm
+    python -m rlhf.ppo_rlhf --reward=gold ...        # on the gold judge (no proxy)
+    python -m rlhf.ppo_rlhf --init_kl_coef=0 ...     # no KL: the proxy alone
 
 CPU: ~12 s per iteration of 64 rollouts; one GPU: the same command. Writes out_dir/ckpt.pt (the policy after
 max_iters), ckpt_<iter>.pt every save_interval (the over-optimisation curve), and metrics.jsonl (one line per
@@ -19,19 +19,18 @@ import time
 import torch
 
 import configurator
-from ppo import PPOConfig, PPOTrainer, ppo_iteration
 from generate import compile_decode
-from rlhf import (PromptStream, load_policy, open_reward, open_stage, reward_scores,
-                  save_rl_checkpoint)
-from tasks import gold_of
-from utils import MetricsLog, cosine_lr, fail, should_compile
+from ppo import PPOConfig, PPOTrainer, ppo_iteration
+from rlhf.common import PromptStream, RunLog, load_frozen, load_policy, open_reward, open_stage, reward_scores
+from tasks.common import gold_of
+from utils import cosine_lr, fail, set_lr, should_compile
 
 # -----------------------------------------------------------------------------
-task = "story"  # story or instruct (tasks.py)
+task = "story"  # story or instruct (the tasks package)
 policy = "out/rlhf/sft/ckpt.pt"  # the initial policy, and the KL reference unless kl_reference says otherwise
 kl_reference = ""  # the frozen model of the KL penalty ("" = policy)
-reward = "gold"  # gold (the judge itself) or the path of a reward model (reward_model.py's rm.pt)
-tokenizer = "stories260K/tok512.model"
+reward = "gold"  # gold (the judge itself) or the path of a reward model (rlhf/reward_model.py's rm.pt)
+tokenizer = ""  # the policy's sentencepiece model ("": found next to it or named in its checkpoint)
 reference = "stories260K/stories260K.pt"  # story task: the frozen model of gold's fluency component
 data_dir = ""
 out_dir = "out/rlhf/ppo"
@@ -49,21 +48,18 @@ kl_penalty = "kl"  # the per-token KL estimator (ppo.kl_estimate)
 kl_mode = "loss"  # loss: the k3 KL in the loss (no pressure towards shorter stories); reward: TRL's -beta * KL per token
 lam = 1.0
 vf_coef = 0.1
-detach_value = True  # the value loss trains the value head only, never the policy's trunk (README: it drove the KL up)
+detach_value = True  # the value loss trains the value head only, never the policy's trunk (it drove the KL up)
 cliprange = 0.2
-grad_clip = 1.0
+grad_clip = 1.0  # PPOConfig.max_grad_norm (0: no clipping)
 save_interval = 0  # also keep ckpt_<iter>.pt every this many iterations (0: only the last)
 device = "auto"
 compile = "auto"  # compile the rollouts' decode step
-seed = 1337
+seed = 1337  # the value head's initialisation; iteration i samples its rollouts from seed + i
 # -----------------------------------------------------------------------------
-configurator.apply_or_exit(globals(), sys.argv[1:])
-config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
+config = configurator.configure(globals(), sys.argv[1:], positive=("max_iters",))
 
 
 def main():
-    if max_iters < 1:
-        fail(f"--max_iters must be >= 1, got {max_iters}")
     try:
         ppoconf = PPOConfig(seed=seed, adap_kl_ctrl=adap_kl_ctrl, init_kl_coef=init_kl_coef, kl_penalty=kl_penalty,
                             kl_mode=kl_mode, lam=lam, vf_coef=vf_coef, cliprange=cliprange, batch_size=rollouts,
@@ -71,12 +67,13 @@ def main():
     except ValueError as e:
         fail(e)
     rm = open_reward(reward, device)  # before the slower opening of the stage: a wrong path fails at once
-    dev, enc, the_task, _, _ = open_stage(task, policy, tokenizer, data_dir, device, False, seed, reference)
+    dev, enc, the_task, _, _ = open_stage(task, policy, tokenizer, data_dir, device, False, seed, reference,
+                                          config=config)
     try:
         # after open_stage has seeded the RNG: the fresh value head's initialisation is reproducible
         model = load_policy(policy, dev, value_head=True)
         model.detach_value = detach_value
-        ref_model = load_policy(kl_reference or policy, dev).requires_grad_(False)
+        ref_model = load_frozen(kl_reference or policy, dev)
     except (FileNotFoundError, ValueError, KeyError) as e:
         fail(e)
     if ref_model.params.vocab_size != model.params.vocab_size:
@@ -89,10 +86,10 @@ def main():
     trainer = PPOTrainer(ppoconf, model, ref_model, optimizer)
     stream = PromptStream(the_task)
     os.makedirs(out_dir, exist_ok=True)
-    metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
     print(f"PPO on reward {reward}: {max_iters} iterations of {rollouts} rollouts, kl_coef {init_kl_coef} "
           f"({kl_mode})")
-    t_start = time.time()
+    log = RunLog(out_dir, max_iters, save_interval, task=task, config=config)
+    t_start = log.t_start
     for it in range(1, max_iters + 1):
         examples = stream.next(rollouts)
 
@@ -103,9 +100,7 @@ def main():
             scores = reward_scores(rm, [e.prompt for e in examples], responses)
             return scores, {"gold_mean": sum(golds) / len(golds), "rm_score_mean": sum(scores) / len(scores)}
 
-        lr = cosine_lr(it - 1, learning_rate, min_lr, 0, max_iters)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        lr = set_lr(optimizer, cosine_lr(it - 1, learning_rate, min_lr, 0, max_iters))
         torch.manual_seed(seed + it)  # the rollouts' sampling
         stats = ppo_iteration(trainer, model, [e.prompt for e in examples], None, the_task.max_gen_len,
                               stop_id=enc.bos_id, decode_fn=decode_fn, score_fn=score_fn)
@@ -115,13 +110,10 @@ def main():
                "entropy": stats["objective/entropy"], "rep3_rate": stats["rep3_rate"], "lr": lr,
                "kl_coef": stats["objective/kl_coef"], "value_error": stats["ppo/val/error"],
                "clipfrac": stats["ppo/policy/clipfrac"], "time_s": time.time() - t_start}
-        metrics.write(**row)
-        eta = (time.time() - t_start) / it * (max_iters - it)
-        print(f"{it} | reward {row['reward_mean']:.4f} | gold {row['gold_mean']:.3f} | kl_ref {row['kl_ref']:.2f} | "
-              f"length {row['length_mean']:.0f} | ended {row['ended_frac']:.2f} | entropy {row['entropy']:.0f} | "
-              f"rollout {stats['rollout_s']:.1f}s | eta {eta / 60:.1f} min")
-        path = save_rl_checkpoint(model, out_dir, it, max_iters, save_interval, task=task, config=config)
-    print(f"saved {path} ({time.time() - t_start:.0f} s)")
+        line = (f"{it} | reward {row['reward_mean']:.4f} | gold {row['gold_mean']:.3f} | kl_ref {row['kl_ref']:.2f} | "
+                f"length {row['length_mean']:.0f} | ended {row['ended_frac']:.2f} | entropy {row['entropy']:.0f} | "
+                f"rollout {stats['rollout_s']:.1f}s")
+        log.end_iteration(model, it, row, line)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ and its length bucket. A prompt carries a random subset of these, its fields shu
 for a prompt: the mean over the prompt's constraints of a verifier's score in [0, 1]. guard metrics (reference
 NLL, repetition, KL to SFT) are measured beside gold, never mixed into it.
 
-    python instruct.py check                 # verifiers on real stories (pass rate) and shuffled pairs (base rate)
-    python instruct.py show --n=3            # a few prompts as the model sees them
+    python -m rlhf.pilot --task=instruct     # verifiers on real stories (pass rate) and shuffled pairs (base rate)
+    python -m rlhf.pilot --task=instruct --show=3   # a few prompts as the model sees them
 
 Shard 0 (the validation split) gives the held-out evaluation prompts; the others the training prompts.
 The data folder is $DATA_CACHE_DIR/TinyStories_all_data (default data/; `python tinystories.py download`).
@@ -20,13 +20,11 @@ import json
 import os
 import random
 import re
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from tasks import Example
-
+from tasks.common import Example, Splits
 from utils import DATA_CACHE_DIR
 
 KINDS = ("words", "sentence", "dialogue", "length")
@@ -241,7 +239,7 @@ def load_stories(files, enc, max_tokens=MAX_STORY_TOKENS):
     return out
 
 
-class InstructData:
+class InstructData(Splits):
     """Training and held-out examples. Training constraints are redrawn on every call of train_examples(epoch)
     (each story is seen with different prompts); the held-out ones are fixed by the seed."""
 
@@ -261,18 +259,12 @@ class InstructData:
                 out.append(Example(prompt, prompt_text(c), ids, {"constraints": c, "story": s}))
         return out
 
-    def train_examples(self, epoch=0):
-        return self.examples(self.train_stories, random.Random(f"train-{self.seed}-{epoch}"))
-
-    def heldout_examples(self, n=None):
-        ex = self.examples(self.heldout_stories, random.Random(f"heldout-{self.seed}"))
-        return ex[:n] if n else ex
-
 
 class InstructTask:
-    """The instruction task behind the chain's task interface (tasks.py): gold's components are the prompt's
+    """The instruction task behind the chain's task interface (tasks/common.py): gold's components are the prompt's
     constraints (each prompt carries a subset)."""
     name = "instruct"
+    reference = None  # its gold needs no model
     components = KINDS
     max_gen_len = MAX_STORY_TOKENS + 1  # the longest story of the task and its end token
 
@@ -316,35 +308,3 @@ def check(data: InstructData):
         rows[kind] = {"n": len(own), "pass_rate": sum(s == 1.0 for s in own) / max(1, len(own)),
                       "own_mean": sum(own) / max(1, len(own)), "base_rate": sum(base) / max(1, len(base))}
     return rows
-
-
-if __name__ == "__main__":
-    import argparse
-
-    from tokenizer import Tokenizer
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["check", "show"])
-    parser.add_argument("--data_dir", default=None)
-    parser.add_argument("--tokenizer", default="stories260K/tok512.model")
-    parser.add_argument("--n", type=int, default=3)
-    parser.add_argument("--out", default="", help="check: also write the table as JSON here")
-    args = parser.parse_args()
-    try:
-        data = InstructData(Tokenizer(args.tokenizer), args.data_dir)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1)
-    if args.command == "show":
-        for e in data.heldout_examples(args.n):
-            print(e.text, e.info["story"][:200] + "...", "", sep="\n")
-    else:
-        print(f"{len(data.train_stories)} training stories, {len(data.heldout_stories)} held-out (shard 0), "
-              f"{sum(c >= 1 for c in data.word_stats.df.values()):,} distinct words")
-        print("| constraint | stories | pass (own story) | mean score (own) | base rate (shuffled) |\n|---|---|---|---|---|")
-        rows = check(data)
-        for kind, r in rows.items():
-            print(f"| {kind} | {r['n']} | {r['pass_rate']:.1%} | {r['own_mean']:.3f} | {r['base_rate']:.3f} |")
-        if args.out:
-            from utils import atomic_write
-            with atomic_write(args.out, "w") as f:
-                json.dump(rows, f, indent=1)

@@ -1,11 +1,11 @@
 """
 Supervised fine-tuning (SFT), the first step of RLHF ("instruction fine-tuning" as InstructGPT did it:
-demonstrations of what is preferred). On the story task (--task=story, tasks.py) the demonstrations are real
+demonstrations of what is preferred). On the story task (--task=story, tasks/story.py) the demonstrations are real
 training stories continuing their own prompts, keeping the top_fraction of them by gold; on the instruction task
 (--task=instruct) every story with prompts rebuilt from it. The loss covers only the continuation and its end token.
 
-    python sft.py --out_dir=out/rlhf/sft                           # CPU: ~3 minutes from the bundled stories260K
-    python sft.py --task=instruct --out_dir=out/rlhf_instruct/sft  # the instruction task
+    python -m rlhf.sft --out_dir=out/rlhf/sft                           # CPU: ~3 minutes from the bundled stories260K
+    python -m rlhf.sft --task=instruct --out_dir=out/rlhf_instruct/sft  # the instruction task
 
 One GPU: the same command (--device=auto picks CUDA). The model is tiny; several GPUs would not pay.
 Writes out_dir/ckpt.pt (train.py's checkpoint layout: `python sample.py` reads it), out_dir/sft_data.json (which
@@ -20,15 +20,16 @@ import time
 import torch
 
 import configurator
-from instruct import KINDS
-from rlhf import make_batch, open_stage, save_policy
-from tasks import gold_of
-from utils import MetricsLog, atomic_write, cosine_lr, fail
+from rlhf.common import make_batch, open_stage, save_policy, train_step
+from tasks.common import gold_of
+from tasks.instruct import KINDS
+from utils import MetricsLog, atomic_write, cosine_lr, fail, set_lr
 
 # -----------------------------------------------------------------------------
-task = "story"  # story or instruct (tasks.py)
+task = "story"  # story or instruct (the tasks package)
 policy = "stories260K/stories260K.pt"  # the pre-trained model
-tokenizer = "stories260K/tok512.model"
+tokenizer = ""  # the policy's sentencepiece model ("": found next to it or named in its checkpoint)
+reference = "stories260K/stories260K.pt"  # story task: the frozen model of gold's fluency component
 data_dir = ""  # TinyStories JSON shards (default $DATA_CACHE_DIR/TinyStories_all_data)
 out_dir = "out/rlhf/sft"
 top_fraction = 0.3  # keep this fraction of the training stories, the best by gold (1.0: all)
@@ -45,8 +46,7 @@ log_interval = 10
 device = "auto"
 seed = 1337
 # -----------------------------------------------------------------------------
-configurator.apply_or_exit(globals(), sys.argv[1:])
-config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
+config = configurator.configure(globals(), sys.argv[1:], positive=("batch_size", "max_iters"))
 
 
 def demonstration(enc, e):
@@ -54,15 +54,13 @@ def demonstration(enc, e):
 
 
 def main():
-    for name in ("batch_size", "max_iters"):
-        if globals()[name] < 1:
-            fail(f"--{name} must be >= 1, got {globals()[name]}")
     if not 0 < top_fraction <= 1:
         fail(f"--top_fraction must be in (0, 1], got {top_fraction}")
     kind_list = [k for k in kinds.split(",") if k]
     if not kind_list or set(kind_list) - set(KINDS):
         fail(f"--kinds must be a comma-separated subset of {','.join(KINDS)}, got {kinds!r}")
-    dev, enc, the_task, model, _ = open_stage(task, policy, tokenizer, data_dir, device, False, seed)
+    dev, enc, the_task, model, _ = open_stage(task, policy, tokenizer, data_dir, device, False, seed, reference,
+                                              config=config)
     if task == "instruct":
         the_task.data.kinds = tuple(kind_list)
     t_start = time.time()
@@ -118,17 +116,11 @@ def main():
             metrics.write(iter=it, heldout_loss=loss)
         if it == max_iters:
             break
-        lr = cosine_lr(it, learning_rate, min_lr, warmup_iters, max_iters)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        lr = set_lr(optimizer, cosine_lr(it, learning_rate, min_lr, warmup_iters, max_iters))
         epoch, ex = next(stream)
         inputs, targets, _ = make_batch([e.prompt for e in ex], [demonstration(enc, e) for e in ex], dev)
         loss = model(inputs, targets).loss
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, loss, grad_clip)
         tokens += int((targets != -1).sum())
         if it % log_interval == 0:
             dt = time.time() - t0

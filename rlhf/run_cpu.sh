@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # The whole RLHF chain on a CPU, from the bundled stories260K and local TinyStories shards, on the story task
-# (tasks.py; TASK=instruct for the instruction task):
+# (tasks/story.py; TASK=instruct for the instruction task, tasks/instruct.py):
 #   pilot -> SFT -> reward model -> DPO, PPO on the reward model, GRPO (reward model, gold), a longer GRPO run on
 #   the reward model with checkpoints and its beta = 0 ablation -> best-of-n -> every method evaluated on the
 #   same held-out prompts -> OUT_DIR/report.md, report.json, overoptimisation.png, samples_<method>.jsonl
 #
-#   bash rlhf_cpu.sh out/rlhf                                   # data from $DATA_CACHE_DIR (default data/)
-#   DATA_URL=../shared/tinystories/TinyStories_all_data.tar.gz bash rlhf_cpu.sh out/rlhf   # offline archive
+#   bash rlhf/run_cpu.sh out/rlhf                        # data from $DATA_CACHE_DIR (default data/), downloaded
+#   DATA_URL=PATH_OR_URL bash rlhf/run_cpu.sh out/rlhf   # a local copy (or another URL) of the TinyStories archive
 #
 # Resumable: a stage whose output exists is skipped (delete the output to redo it). Every stage is a script you
-# can run alone (README "4. The RLHF chain"); this file is the recipe, sized for ~30 minutes on 2 CPU cores.
+# can run alone as `python -m rlhf.<stage>` (docs/rlhf-chain.md); this file is the recipe, ~20 minutes on 2 CPU cores.
 set -euo pipefail
-OUT=${1:?usage: bash rlhf_cpu.sh OUT_DIR}
-cd "$(dirname "$0")"
+OUT=${1:?usage: bash rlhf/run_cpu.sh OUT_DIR}
+cd "$(dirname "$0")/.."
 export DATA_CACHE_DIR=${DATA_CACHE_DIR:-data}
 TASK=${TASK:-story}
 mkdir -p "$OUT"
@@ -28,7 +28,7 @@ stage() {  # stage NAME OUTPUT command...: run the command unless OUTPUT exists,
 SFT="$OUT/sft/ckpt.pt"
 RM="$OUT/rm/rm.pt"
 COMMON=(--task="$TASK")
-EVAL=(python evaluate.py "${COMMON[@]}" --out_dir="$OUT" --sft="$SFT" --reward_model="$RM" --n_prompts=128)
+EVAL=(python -m rlhf.evaluate "${COMMON[@]}" --out_dir="$OUT" --sft="$SFT" --reward_model="$RM" --n_prompts=128)
 evaluate() {  # evaluate NAME CHECKPOINT
   stage "eval_$1" "$OUT/eval_$1.json" "${EVAL[@]}" --policy="$2" --name="$1"
 }
@@ -43,33 +43,33 @@ evaluate_run() {  # evaluate_run NAME FOLDER: the run's intermediate checkpoints
 # 0. data, and the pilot: each gold component on real continuations and on the pre-trained model's samples
 stage download "$DATA_CACHE_DIR/TinyStories_all_data" python tinystories.py download ${DATA_URL:+--data_url="$DATA_URL"}
 if [ "$TASK" = story ]; then
-  stage pilot "$OUT/pilot.json" python story.py pilot --n=200 --out="$OUT/pilot.json"
+  stage pilot "$OUT/pilot.json" python -m rlhf.pilot --n=200 --out="$OUT/pilot.json"
 else
-  stage check "$OUT/check.json" python instruct.py check --out="$OUT/check.json"
+  stage check "$OUT/check.json" python -m rlhf.pilot --task=instruct --out="$OUT/check.json"
 fi
 
 # 1. SFT, 2. the reward model (its pools are DPO's pairs), 3. DPO
-stage sft "$SFT" python sft.py "${COMMON[@]}" --out_dir="$OUT/sft"
-stage reward_model "$RM" python reward_model.py "${COMMON[@]}" --policy="$SFT" --out_dir="$OUT/rm"
-stage dpo "$OUT/dpo/ckpt.pt" python dpo.py "${COMMON[@]}" --policy="$SFT" --pairs="$OUT/rm/pool_train.jsonl" \
+stage sft "$SFT" python -m rlhf.sft "${COMMON[@]}" --out_dir="$OUT/sft"
+stage reward_model "$RM" python -m rlhf.reward_model "${COMMON[@]}" --policy="$SFT" --out_dir="$OUT/rm"
+stage dpo "$OUT/dpo/ckpt.pt" python -m rlhf.dpo "${COMMON[@]}" --policy="$SFT" --pairs="$OUT/rm/pool_train.jsonl" \
   --out_dir="$OUT/dpo"
 
 # 4. PPO and GRPO on the learned reward, GRPO on gold itself (no proxy)
-stage ppo_rm "$OUT/ppo_rm/ckpt.pt" python ppo_rlhf.py "${COMMON[@]}" --policy="$SFT" --reward="$RM" \
+stage ppo_rm "$OUT/ppo_rm/ckpt.pt" python -m rlhf.ppo_rlhf "${COMMON[@]}" --policy="$SFT" --reward="$RM" \
   --out_dir="$OUT/ppo_rm"
-stage grpo_rm "$OUT/grpo_rm/ckpt.pt" python grpo.py "${COMMON[@]}" --policy="$SFT" --reward="$RM" \
+stage grpo_rm "$OUT/grpo_rm/ckpt.pt" python -m rlhf.grpo "${COMMON[@]}" --policy="$SFT" --reward="$RM" \
   --out_dir="$OUT/grpo_rm"
-stage grpo_gold "$OUT/grpo_gold/ckpt.pt" python grpo.py "${COMMON[@]}" --policy="$SFT" --reward=gold \
+stage grpo_gold "$OUT/grpo_gold/ckpt.pt" python -m rlhf.grpo "${COMMON[@]}" --policy="$SFT" --reward=gold \
   --out_dir="$OUT/grpo_gold"
 
 # 5. over-optimisation: a longer run on the reward model with checkpoints, and without the KL penalty
-stage grpo_rm_long "$OUT/grpo_rm_long/ckpt.pt" python grpo.py "${COMMON[@]}" --policy="$SFT" --reward="$RM" \
+stage grpo_rm_long "$OUT/grpo_rm_long/ckpt.pt" python -m rlhf.grpo "${COMMON[@]}" --policy="$SFT" --reward="$RM" \
   --out_dir="$OUT/grpo_rm_long" --max_iters=60 --save_interval=10 --learning_rate=3e-4 --min_lr=3e-4
-stage grpo_rm_beta0 "$OUT/grpo_rm_beta0/ckpt.pt" python grpo.py "${COMMON[@]}" --policy="$SFT" --reward="$RM" \
+stage grpo_rm_beta0 "$OUT/grpo_rm_beta0/ckpt.pt" python -m rlhf.grpo "${COMMON[@]}" --policy="$SFT" --reward="$RM" \
   --out_dir="$OUT/grpo_rm_beta0" --max_iters=40 --save_interval=5 --learning_rate=3e-4 --min_lr=3e-4 --beta=0
 
 # 6. best-of-n from one pool of SFT samples
-stage best_of_n "$OUT/bon.json" python best_of_n.py "${COMMON[@]}" --policy="$SFT" --reward="$RM" --out_dir="$OUT"
+stage best_of_n "$OUT/bon.json" python -m rlhf.best_of_n "${COMMON[@]}" --policy="$SFT" --reward="$RM" --out_dir="$OUT"
 
 # 7. every method on the same held-out prompts, then the report
 evaluate pretrained stories260K/stories260K.pt
@@ -80,5 +80,5 @@ evaluate grpo_rm "$OUT/grpo_rm/ckpt.pt"
 evaluate grpo_gold "$OUT/grpo_gold/ckpt.pt"
 evaluate_run grpo_rm_long "$OUT/grpo_rm_long"
 evaluate_run grpo_rm_beta0 "$OUT/grpo_rm_beta0"
-python evaluate.py --report="$OUT"
+python -m rlhf.evaluate --report="$OUT"
 echo "this run took $(( $(date +%s) - T0 )) s; the stages' times are in $TIMES; report: $OUT/report.md"

@@ -1,10 +1,10 @@
 """
 Best-of-n with the reward model: draw n stories from the SFT policy, keep the one the reward model scores
 highest. One pool of pool_size samples per held-out prompt gives the unbiased expectation for every
-n <= pool_size (rlhf.best_of_n_weights); picking by gold instead gives the ceiling. The KL of best-of-n to
+n <= pool_size (rlhf.common.best_of_n_weights); picking by gold instead gives the ceiling. The KL of best-of-n to
 SFT is at most log n - (n - 1) / n (a bound, reported as such).
 
-    python best_of_n.py --policy=out/rlhf/sft/ckpt.pt --reward=out/rlhf/rm/rm.pt --out_dir=out/rlhf
+    python -m rlhf.best_of_n --policy=out/rlhf/sft/ckpt.pt --reward=out/rlhf/rm/rm.pt --out_dir=out/rlhf
 
 CPU: ~2 minutes for 64 prompts x 64; one GPU: the same command. Writes out_dir/bon.json, bon_pool.jsonl
 and samples_bon<n>.jsonl (the RM's pick among each prompt's first n samples, for the largest n).
@@ -17,17 +17,17 @@ import time
 from tqdm import tqdm
 
 import configurator
-from rlhf import (best_of_n_kl_bound, best_of_n_weights, guard_metrics, load_reward_model, open_stage, reward_scores,
-                  sample_record, sample_stories, write_jsonl)
+from rlhf.common import (best_of_n_kl_bound, best_of_n_weights, guard_metrics, load_reward_model, open_stage,
+                         reward_scores, sample_record, sample_stories, write_jsonl)
 from stats import bootstrap_ci
 from utils import atomic_write, fail
 
 # -----------------------------------------------------------------------------
-task = "story"  # story or instruct (tasks.py)
+task = "story"  # story or instruct (the tasks package)
 policy = "out/rlhf/sft/ckpt.pt"  # the SFT policy the pool is drawn from
 reward = "out/rlhf/rm/rm.pt"  # the reward model that picks
 reference = "stories260K/stories260K.pt"  # the frozen pre-trained model (gold's fluency, the guard's NLL)
-tokenizer = "stories260K/tok512.model"
+tokenizer = ""  # the policy's sentencepiece model ("": found next to it or named in its checkpoint)
 data_dir = ""
 out_dir = "out/rlhf"
 n_prompts = 64
@@ -38,17 +38,15 @@ device = "auto"
 compile = "auto"
 seed = 7
 # -----------------------------------------------------------------------------
-configurator.apply_or_exit(globals(), sys.argv[1:])
+configurator.configure(globals(), sys.argv[1:], positive=("n_prompts", "pool_size"))
 
 
 def main():
-    if pool_size < 1 or n_prompts < 1:
-        fail(f"--pool_size and --n_prompts must be >= 1, got {pool_size}, {n_prompts}")
     dev, enc, the_task, model, decode_fn = open_stage(task, policy, tokenizer, data_dir, device, compile, seed,
                                                       reference, samples=n_prompts * pool_size, batch_size=batch_size)
     try:
         rm = load_reward_model(reward, dev)
-        ref = the_task.reference() if task == "story" else None
+        ref = the_task.reference.model if task == "story" else None
     except (FileNotFoundError, ValueError, KeyError) as e:
         fail(e)
     t0 = time.time()

@@ -1,52 +1,78 @@
 """
-The library of the RLHF chain's stage scripts (sft.py, reward_model.py, dpo.py, ppo_rlhf.py, grpo.py,
-best_of_n.py, evaluate.py), in sections: opening a stage, policies, batches and log-probs, sampling, scoring,
-preference pairs and the losses, best-of-n. The tasks and their gold judges are tasks.py, story.py and
-instruct.py; the policy-gradient core (clipped surrogate, KL estimators) is ppo.py; the statistics stats.py.
-It has no command line of its own.
+The library of the RLHF chain's stage scripts (rlhf/sft.py, reward_model.py, dpo.py, ppo_rlhf.py, grpo.py,
+best_of_n.py, evaluate.py), in sections: opening a stage (its task, policy and tokenizer), batches and log-probs,
+sampling, scoring, preference pairs and the losses, best-of-n, the training step. The tasks and their gold judges
+are the tasks package; the policy-gradient core (clipped surrogate, KL estimators) is ppo.py; the statistics
+stats.py. It has no command line of its own.
 """
+import functools
 import itertools
 import json
 import math
 import os
 import random
+import time
 from dataclasses import dataclass, replace
 from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load_checkpoint, load_model_state, model_args_from_checkpoint, model_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, model_checkpoint, model_from_checkpoint, save_checkpoint
 from export import load_model
 from generate import compile_decode, generate_withcache
-from model import TransformerWithValueHead
-from ppo import logprobs_from_logits, repeated_ngram_rate
-from tasks import Example, gold_of, load_task
-from tokenizer import load_tokenizer
-from utils import atomic_write, fail, pick_device, should_compile
+from ppo import logprobs_from_logits
+from tasks.common import Example, gold_of
+from tasks.instruct import InstructTask
+from tasks.story import StoryTask
+from tokenizer import find_tokenizer, load_tokenizer
+from utils import MetricsLog, atomic_write, fail, pick_device, repeated_ngram_rate, should_compile
+
+TASKS = ("story", "instruct")
 
 
 # -----------------------------------------------------------------------------
 # opening a stage: one rule for every script
 
-def open_stage(task, policy, tokenizer, data_dir="", device="auto", compile="auto", seed=0, reference="",
-               samples=0, batch_size=64):
-    """The device, tokenizer (its size checked against the policy's vocabulary), task, and policy of a stage,
-    with a one-line error and exit 1 on bad input. Returns (device, enc, task, policy, decode_fn): decode_fn is
-    the compiled decode step when the stage's sampling (`samples` responses in batches of `batch_size`) is long
-    enough for --compile=auto (utils.should_compile), else None."""
+def load_task(name, enc, data_dir=None, seed=0, reference=None, kinds=None):
+    """The task `name` over the TinyStories JSON shards in data_dir (default $DATA_CACHE_DIR/TinyStories_all_data).
+    story: reference is the frozen model of gold's fluency component (a Reference); instruct: kinds are the
+    constraints its prompts may carry (default all)."""
+    if name == "story":
+        return StoryTask(enc, data_dir, seed=seed, reference=reference)
+    if name == "instruct":
+        return InstructTask(enc, data_dir, seed=seed, **({"kinds": kinds} if kinds else {}))
+    raise ValueError(f"unknown task {name!r}: use --task=story or --task=instruct")
+
+
+def open_tokenizer(tokenizer, policy, vocab_size):
+    """--tokenizer, or when it is "" the one found next to the policy or named in its checkpoint's config (as
+    sample.py finds it), its size checked against the policy's vocabulary."""
+    if not tokenizer:
+        config = read_checkpoint(policy).get("config", {}) if policy.endswith(".pt") else {}
+        tokenizer = find_tokenizer(vocab_size, near=policy, config=config)
+    return load_tokenizer(tokenizer, vocab_size)
+
+
+def open_stage(task, policy, tokenizer="", data_dir="", device="auto", compile="auto", seed=0, reference="",
+               samples=0, batch_size=64, config=None):
+    """The device, tokenizer (found next to the policy unless given; its size checked against the policy's
+    vocabulary), task, and policy of a stage, with a one-line error and exit 1 on bad input. Returns (device, enc,
+    task, policy, decode_fn): decode_fn is the compiled decode step when the stage's sampling (`samples` responses
+    in batches of `batch_size`) is long enough for --compile=auto (utils.should_compile), else None. config: the
+    stage's settings, which then record the tokenizer found (its checkpoints carry it, for the next stage)."""
     should_compile(compile, "cpu", "decode", 0)  # refuses a bad --compile before loading
     try:
         dev = pick_device(device)
         model = load_policy(policy, dev)
-        enc = load_tokenizer(tokenizer, model.params.vocab_size)
-        options = {"reference": reference, "device": dev} if task == "story" and reference else {}
-        if task == "instruct":
-            kinds = load_checkpoint(policy).get("kinds") if policy.endswith(".pt") else None
-            options = {"kinds": kinds} if kinds else {}
-        the_task = load_task(task, enc, data_dir or None, seed=0, **options)
+        enc = open_tokenizer(tokenizer, policy, model.params.vocab_size)
+        kinds = read_checkpoint(policy).get("kinds") if task == "instruct" and policy.endswith(".pt") else None
+        ref = Reference(reference, dev) if task == "story" and reference else None
+        the_task = load_task(task, enc, data_dir or None, seed=0, reference=ref, kinds=kinds)
     except (FileNotFoundError, ValueError, KeyError) as e:
         fail(e)
+    if config is not None:
+        config["tokenizer"] = enc.model_path
     decode_calls = -(-samples // batch_size) * the_task.max_gen_len
     decode_fn = compile_decode(model) if should_compile(compile, dev, "decode", decode_calls) else None
     torch.manual_seed(seed)
@@ -56,15 +82,31 @@ def open_stage(task, policy, tokenizer, data_dir="", device="auto", compile="aut
 # -----------------------------------------------------------------------------
 # policies
 
+@functools.lru_cache(maxsize=4)
+def _read_checkpoint(path, mtime_ns, size):
+    return load_checkpoint(path)
+
+
+def read_checkpoint(path):
+    """load_checkpoint, read once per file and process: a stage builds its policy, its frozen reference and a value
+    head from one read. The dict is shared: build models from it, never change it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    st = os.stat(path)
+    return _read_checkpoint(os.path.abspath(path), st.st_mtime_ns, st.st_size)
+
+
 def load_policy(path, device="cpu", value_head=False, dropout=0.0):
     """A checkpoint as a Transformer (any format export.load_model reads), or as a TransformerWithValueHead
     (a .pt; its value head when it has one, else a fresh one), in eval mode on device. Dropout is set to
     `dropout` (stories260K was trained with 0.05; fine-tuning here uses none, as the seed's PPO command does)."""
-    if value_head:
-        ckpt = load_checkpoint(path)
-        model = TransformerWithValueHead(model_args_from_checkpoint(ckpt))
-        load_model_state(model, ckpt["model"])
-        model.layout = ckpt.get("layout", "prompt_first")  # a reward model's input order (rm_sequence)
+    if value_head or path.endswith(".pt"):
+        ckpt = read_checkpoint(path)
+        if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+            raise ValueError(f"{path}: a PyTorch file, but not a checkpoint of this repository (model, model_args)")
+        model = model_from_checkpoint(ckpt, value_head)
+        if value_head:
+            model.layout = ckpt.get("layout", "prompt_first")  # a reward model's input order (rm_sequence)
     else:
         model = load_model(path)[0]
     model.params = replace(model.params, dropout=dropout)
@@ -74,13 +116,34 @@ def load_policy(path, device="cpu", value_head=False, dropout=0.0):
     return model.eval().to(device)
 
 
+def load_frozen(path, device="cpu", value_head=False):
+    """load_policy for a model that is never trained: a KL reference, the fluency judge's model, a reward model."""
+    return load_policy(path, device, value_head).requires_grad_(False)
+
+
+class Reference:
+    """The frozen pre-trained model of the story task's fluency component and of the guard's reference NLL,
+    read at its first use (a stage that never scores fluency never loads it)."""
+
+    def __init__(self, path, device="cpu"):
+        self.path, self.device, self._model = path, device, None
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = load_frozen(self.path, self.device)
+        return self._model
+
+    def nll(self, prompts, responses, batch_size=32):
+        return reference_nll(self.model, prompts, responses, batch_size)
+
+
 def load_reward_model(path, device="cpu"):
-    """A reward model written by reward_model.py; anything else is refused (ValueError, one line)."""
-    ckpt = load_checkpoint(path)
-    if ckpt.get("kind") != "reward_model":
-        raise ValueError(f"{path} is not a reward model (reward_model.py writes rm.pt): pass --reward=gold or "
+    """A reward model written by rlhf/reward_model.py; anything else is refused (ValueError, one line)."""
+    if read_checkpoint(path).get("kind") != "reward_model":
+        raise ValueError(f"{path} is not a reward model (rlhf/reward_model.py writes rm.pt): pass --reward=gold or "
                          "the path of an rm.pt")
-    return load_policy(path, device, value_head=True).requires_grad_(False)
+    return load_frozen(path, device, value_head=True)
 
 
 def open_reward(reward, device="cpu"):
@@ -89,7 +152,7 @@ def open_reward(reward, device="cpu"):
     if reward == "gold":
         return None
     if not os.path.isfile(reward):
-        fail(f"--reward must be gold or the path of a reward model (reward_model.py's rm.pt), got {reward!r}")
+        fail(f"--reward must be gold or the path of a reward model (rlhf/reward_model.py's rm.pt), got {reward!r}")
     try:
         return load_reward_model(reward, pick_device(device))
     except (ValueError, KeyError) as e:
@@ -113,6 +176,33 @@ def save_rl_checkpoint(model, out_dir, it, max_iters, save_interval, **extra):
         return None
     save_policy(model, path, iter_num=it, **extra)
     return path
+
+
+class RunLog:
+    """An RL stage's iterations 1..max_iters: out_dir/metrics.jsonl, a log line with the ETA per iteration, and the
+    checkpoints (save_rl_checkpoint, with `extra` in each)."""
+
+    def __init__(self, out_dir, max_iters, save_interval, **extra):
+        self.out_dir, self.max_iters, self.save_interval, self.extra = out_dir, max_iters, save_interval, extra
+        self.metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
+        self.t_start = time.time()
+
+    def end_iteration(self, model, it, row, line):
+        self.metrics.write(**row)
+        eta = (time.time() - self.t_start) / it * (self.max_iters - it)
+        print(f"{line} | eta {eta / 60:.1f} min")
+        path = save_rl_checkpoint(model, self.out_dir, it, self.max_iters, self.save_interval, **self.extra)
+        if it == self.max_iters:
+            print(f"saved {path} ({time.time() - self.t_start:.0f} s)")
+
+
+def train_step(model, optimizer, loss, grad_clip):
+    """One optimizer step on loss: backward, the gradient norm clipped to grad_clip (0: not clipped), step."""
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 # -----------------------------------------------------------------------------
@@ -150,6 +240,13 @@ def sequence_logprobs(model, prompts, responses, batch_size=32):
         inputs, targets, _ = make_batch(prompts[i:i + batch_size], responses[i:i + batch_size], device)
         sums += response_logprobs(model, inputs, targets)[1].tolist()
     return sums
+
+
+@torch.no_grad()
+def reference_nll(model, prompts, responses, batch_size=32):
+    """NLL per token (nats) of each response (its end token included) given its prompt; 0 for an empty one."""
+    sums = sequence_logprobs(model, prompts, [r if r else [0] for r in responses], batch_size)
+    return [-s / max(1, len(r)) if r else 0.0 for s, r in zip(sums, responses)]
 
 
 def pad_right(seqs, device="cpu"):
@@ -307,8 +404,8 @@ def guard_metrics(samples, reference=None, sft=None, policy=None, batch_size=32)
     out = [{"rep3": repeated_ngram_rate(s.response[:s.n_tokens])} for s in samples]
     prompts, responses = [s.example.prompt for s in samples], [s.response for s in samples]
     if reference is not None:
-        for o, r, v in zip(out, responses, sequence_logprobs(reference, prompts, responses, batch_size)):
-            o["ref_nll"] = -v / max(1, len(r))
+        for o, v in zip(out, reference_nll(reference, prompts, responses, batch_size)):
+            o["ref_nll"] = v
     if sft is not None and policy is not None:
         lp_pi = sequence_logprobs(policy, prompts, responses, batch_size)
         lp_sft = sequence_logprobs(sft, prompts, responses, batch_size)

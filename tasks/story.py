@@ -12,21 +12,15 @@ of what makes a good story in place of the seed's length reward. Gold is the mea
                   captures least, so that a proxy can be over-optimised against it
     not_repetitive  1 - (repeated-3-gram rate of the continuation) / REPETITION_ZERO, floored at 0
 
-    python story.py pilot --n=200     # each component's rate on real continuations and on the model's samples
-    python story.py show --n=5        # a few held-out prompts and the names found in them
-
 Training prompts come from shards 1+, held-out prompts only from shard 0 (llama2.c's validation shard).
+`python -m rlhf.pilot` shows each component's rate on real continuations and on the model's samples.
 """
-import random
 import re
-import sys
 from typing import Dict, List
 
-import torch
-
-from instruct import WordStats, load_stories, sentences_of, shard_files
-from ppo import repeated_ngram_rate
-from tasks import Example, gold_of
+from tasks.common import Example, Splits
+from tasks.instruct import WordStats, load_stories, sentences_of, shard_files
+from utils import repeated_ngram_rate
 
 START_LEN = 30  # prompts are BOS + the first 0..START_LEN-1 story tokens (the seed's start_len)
 MAX_GEN_LEN = 300  # the policy's budget of new tokens (the seed's max_gen_len)
@@ -86,20 +80,23 @@ def prompt_names(prompt_text: str, boundary: bool, names) -> List[str]:
     return sorted({w for w in words if w in names})
 
 
-class StoryTask:
+class StoryTask(Splits):
     name = "story"
+    rng_prefix = "story-"  # a prompt's length is drawn per story and epoch (train_examples)
     components = COMPONENTS
     max_gen_len = MAX_GEN_LEN
 
-    def __init__(self, enc, data_dir=None, seed=0, reference="stories260K/stories260K.pt", device="cpu"):
+    def __init__(self, enc, data_dir=None, seed=0, reference=None):
+        """reference: the frozen pre-trained model of the fluency component, as an object whose
+        nll(prompts, responses) gives each response's NLL per token (rlhf.common.Reference); needed to score
+        without precomputed NLLs."""
         files = shard_files(data_dir)
-        self.enc, self.seed, self.reference_path, self.device = enc, seed, reference, device
+        self.enc, self.seed, self.reference = enc, seed, reference
         self.train_stories = load_stories(files[1:], enc, MAX_STORY_TOKENS)
         self.heldout_stories = load_stories(files[:1], enc, MAX_STORY_TOKENS)
         ws = WordStats.from_stories(s for s, _ in self.train_stories)
         # names: capitalised in the middle of sentences at least 3 times, and more often so than in lower case
         self.names = {w.capitalize() for w, c in ws.capitalised.items() if c >= 3 and c > ws.lower[w]}
-        self._reference = None
 
     # prompts -------------------------------------------------------------------
     def examples(self, stories, rng):
@@ -113,31 +110,18 @@ class StoryTask:
             out.append(Example(prompt, text, target, {"names": prompt_names(text, boundary, self.names)}))
         return out
 
-    def train_examples(self, epoch=0):
-        """Every training story once, its prompt length redrawn each epoch."""
-        return self.examples(self.train_stories, random.Random(f"story-train-{self.seed}-{epoch}"))
-
-    def heldout_examples(self, n=None):
-        ex = self.examples(self.heldout_stories, random.Random(f"story-heldout-{self.seed}"))
-        return ex[:n] if n else ex
-
     def story_text(self, example, story_ids):
         """The whole story: the prompt's tokens and the continuation's, decoded together."""
         return self.enc.decode(example.prompt[1:] + list(story_ids)).strip()
 
     # gold ----------------------------------------------------------------------
-    def reference(self):
-        """The frozen pre-trained model of the fluency component, loaded once."""
-        if self._reference is None:
-            from rlhf import load_policy
-            self._reference = load_policy(self.reference_path, self.device).requires_grad_(False)
-        return self._reference
-
     def score(self, examples, responses, nll=None) -> List[Dict[str, float]]:
         """The components of each story: responses are the generated tokens, the end token (BOS) last when the
         story ended. nll: the responses' NLL per token under the reference, if already computed."""
         if nll is None:
-            nll = reference_nll(self.reference(), [e.prompt for e in examples], responses)
+            if self.reference is None:
+                raise ValueError("the story task's fluency component needs the reference model: pass --reference=...")
+            nll = self.reference.nll([e.prompt for e in examples], responses)
         out = []
         for e, r, v in zip(examples, responses, nll):
             ended = bool(r) and r[-1] == self.enc.bos_id
@@ -152,73 +136,3 @@ class StoryTask:
                 c["character"] = float(keeps_character(e.info["names"], self.enc.decode(ids)))
             out.append(c)
         return out
-
-
-@torch.no_grad()
-def reference_nll(model, prompts, responses, batch_size=32):
-    """NLL per token (nats) of each response (its end token included) given its prompt."""
-    from rlhf import sequence_logprobs
-    sums = sequence_logprobs(model, prompts, [r if r else [0] for r in responses], batch_size)
-    return [-s / max(1, len(r)) if r else 0.0 for s, r in zip(sums, responses)]
-
-
-# -----------------------------------------------------------------------------
-
-def pilot(task, n, policy_path, seed=0):
-    """Each component's rate on the real held-out continuations (cut at the budget, as a policy's would be) and on
-    the policy's samples for the same prompts. Returns {source: {component: mean}}."""
-    from generate import compile_decode
-    from rlhf import load_policy, sample_responses
-    from utils import should_compile
-    examples = task.heldout_examples(n)
-    real = [e.target[:MAX_GEN_LEN] + ([task.enc.bos_id] if len(e.target) <= MAX_GEN_LEN else [])
-            for e in examples]
-    policy = load_policy(policy_path)
-    compiled = should_compile("auto", "cpu", "decode", -(-n // 64) * task.max_gen_len)  # 64: the batch size
-    samples = sample_responses(policy, examples, task.enc, task.max_gen_len, seed=seed,
-                               decode_fn=compile_decode(policy) if compiled else None)
-    rows = {}
-    for source, responses in (("real continuations", real), ("pre-trained samples", samples)):
-        comps = task.score(examples, responses)
-        rows[source] = {c: sum(x[c] for x in comps if c in x) / max(1, sum(c in x for x in comps))
-                        for c in COMPONENTS}
-        rows[source]["gold"] = sum(gold_of(x) for x in comps) / len(comps)
-        rows[source]["tokens"] = sum(len(r) for r in responses) / len(responses)
-    rows["prompts with a name"] = sum(bool(e.info["names"]) for e in examples) / len(examples)
-    return rows
-
-
-if __name__ == "__main__":
-    import argparse
-
-    from tokenizer import load_tokenizer
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["pilot", "show"])
-    parser.add_argument("--data_dir", default=None)
-    parser.add_argument("--tokenizer", default="stories260K/tok512.model")
-    parser.add_argument("--policy", default="stories260K/stories260K.pt")
-    parser.add_argument("--n", type=int, default=200)
-    parser.add_argument("--out", default="", help="pilot: also write the table as JSON here")
-    args = parser.parse_args()
-    try:
-        task = StoryTask(load_tokenizer(args.tokenizer, 512), args.data_dir)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1)
-    if args.command == "show":
-        for e in task.heldout_examples(args.n):
-            print(repr(e.text), e.info)
-    else:
-        rows = pilot(task, args.n, args.policy)
-        print(f"| source | {' | '.join(COMPONENTS)} | gold | tokens |\n|---|" + "---|" * (len(COMPONENTS) + 2))
-        for source, r in rows.items():
-            if isinstance(r, dict):
-                print(f"| {source} | " + " | ".join(f"{r[c]:.3f}" for c in COMPONENTS)
-                      + f" | {r['gold']:.3f} | {r['tokens']:.0f} |")
-        print(f"{rows['prompts with a name']:.0%} of the prompts carry a name")
-        if args.out:
-            import json
-
-            from utils import atomic_write
-            with atomic_write(args.out, "w") as f:
-                json.dump(rows, f, indent=1)

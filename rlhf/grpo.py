@@ -3,10 +3,10 @@ Group-relative policy optimisation (GRPO, Shao et al. 2024) and its REINFORCE-st
 G stories per prompt, each story's advantage its reward relative to the others of its group, PPO's clipped
 surrogate per token (ppo.clipped_policy_loss, the core PPOTrainer uses too).
 
-    python grpo.py --policy=out/rlhf/sft/ckpt.pt --reward=gold --out_dir=out/rlhf/grpo_gold
-    python grpo.py --reward=out/rlhf/rm/rm.pt --out_dir=out/rlhf/grpo_rm      # on the learned reward
-    python grpo.py --advantage=rloo ...     # RLOO: reward minus the mean of the group's other rewards
-    python grpo.py --advantage=reinforce    # plain REINFORCE with the batch mean as the baseline
+    python -m rlhf.grpo --policy=out/rlhf/sft/ckpt.pt --reward=gold --out_dir=out/rlhf/grpo_gold
+    python -m rlhf.grpo --reward=out/rlhf/rm/rm.pt --out_dir=out/rlhf/grpo_rm      # on the learned reward
+    python -m rlhf.grpo --advantage=rloo ...     # RLOO: reward minus the mean of the group's other rewards
+    python -m rlhf.grpo --advantage=reinforce    # plain REINFORCE with the batch mean as the baseline
 
 advantage: grpo (r - mean) / (std + 1e-4) within the group; rloo; reinforce. The KL to the SFT model is k1 in the
 reward, r - beta * sum_t (log pi - log pi_sft) per story (beta=0: none). ppo_epochs > 1 reuses the rollouts with
@@ -20,16 +20,16 @@ import time
 import torch
 
 import configurator
-from ppo import clipped_policy_loss, kl_estimate, repeated_ngram_rate
-from rlhf import (PromptStream, group_advantages, load_policy, make_batch, open_reward, open_stage,
-                  response_logprobs, reward_scores, sample_stories, save_rl_checkpoint)
-from utils import MetricsLog, cosine_lr, fail
+from ppo import clipped_policy_loss, kl_estimate
+from rlhf.common import (PromptStream, RunLog, group_advantages, load_frozen, make_batch, open_reward, open_stage,
+                         response_logprobs, reward_scores, sample_stories, train_step)
+from utils import cosine_lr, fail, repeated_ngram_rate, set_lr
 
 # -----------------------------------------------------------------------------
-task = "story"  # story or instruct (tasks.py)
+task = "story"  # story or instruct (the tasks package)
 policy = "out/rlhf/sft/ckpt.pt"  # the initial policy and the KL reference
-reward = "gold"  # gold (the judge itself) or the path of a reward model (reward_model.py's rm.pt)
-tokenizer = "stories260K/tok512.model"
+reward = "gold"  # gold (the judge itself) or the path of a reward model (rlhf/reward_model.py's rm.pt)
+tokenizer = ""  # the policy's sentencepiece model ("": found next to it or named in its checkpoint)
 reference = "stories260K/stories260K.pt"  # story task: the frozen model of gold's fluency component
 data_dir = ""
 out_dir = "out/rlhf/grpo"
@@ -50,8 +50,8 @@ device = "auto"
 compile = "auto"  # compile the rollouts' decode step
 seed = 1337
 # -----------------------------------------------------------------------------
-configurator.apply_or_exit(globals(), sys.argv[1:])
-config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
+config = configurator.configure(globals(), sys.argv[1:],
+                                positive=("prompts_per_iter", "max_iters", "ppo_epochs", "mini_batch_size"))
 
 
 def main():
@@ -59,22 +59,19 @@ def main():
         fail(f"--advantage must be grpo, rloo or reinforce, got {advantage!r}")
     if group_size < 2:
         fail(f"--group_size must be >= 2 (advantages compare a story with its group), got {group_size}")
-    for name in ("prompts_per_iter", "max_iters", "ppo_epochs", "mini_batch_size"):
-        if globals()[name] < 1:
-            fail(f"--{name} must be >= 1, got {globals()[name]}")
     if beta < 0:
         fail(f"--beta must be >= 0, got {beta}")
     rm = open_reward(reward, device)  # before the slower opening of the stage: a wrong path fails at once
     dev, enc, the_task, model, decode_fn = open_stage(task, policy, tokenizer, data_dir, device, compile, seed,
-                                                      reference, samples=max_iters * prompts_per_iter * group_size)
-    ref_model = load_policy(policy, dev).requires_grad_(False)  # open_stage has read it once already
+                                                      reference, samples=max_iters * prompts_per_iter * group_size,
+                                                      config=config)
+    ref_model = load_frozen(policy, dev)  # the KL reference: the policy's own checkpoint, already read
     optimizer = model.configure_optimizers(0.0, learning_rate, (0.9, 0.95), dev.split(":")[0])
     os.makedirs(out_dir, exist_ok=True)
-    metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
     prompts_stream = PromptStream(the_task)  # prompts neither SFT nor the reward model's pool used
     print(f"{advantage} on reward {reward}: {max_iters} iterations of {prompts_per_iter} prompts x {group_size} "
           f"stories, beta {beta}")
-    t_start = time.time()
+    log = RunLog(out_dir, max_iters, save_interval, task=task, config=config)
     for it in range(1, max_iters + 1):
         t0 = time.time()
         batch_ex = prompts_stream.next(prompts_per_iter)
@@ -92,9 +89,7 @@ def main():
                 kl += kl_estimate(lp, response_logprobs(ref_model, inputs, targets)[0], "k1").sum(1).tolist()
         rewards = [s - beta * k for s, k in zip(scores, kl)]
         adv = group_advantages(rewards, group_size, advantage).to(dev)
-        lr = cosine_lr(it - 1, learning_rate, min_lr, warmup_iters, max_iters)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        lr = set_lr(optimizer, cosine_lr(it - 1, learning_rate, min_lr, warmup_iters, max_iters))
         model.train()
         losses = []
         for _ in range(ppo_epochs):  # minibatches in sampling order: old log-probs line up with them
@@ -103,11 +98,7 @@ def main():
                 lp, _ = response_logprobs(model, inputs, targets)
                 mask = (targets != -1).float()
                 loss = clipped_policy_loss(lp, old[k][:, : lp.size(1)], adv[i:i + mini_batch_size], mask, cliprange)[0]
-                loss.backward()
-                if grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                train_step(model, optimizer, loss, grad_clip)
                 losses.append(loss.item())
         model.eval()
         n = len(samples)
@@ -115,13 +106,9 @@ def main():
                "length": sum(s.n_tokens for s in samples) / n, "ended": sum(s.ended for s in samples) / n,
                "rep3": sum(repeated_ngram_rate(s.response[:s.n_tokens]) for s in samples) / n,
                "loss": sum(losses) / len(losses), "lr": lr, "rollout_s": rollout_s, "time_s": time.time() - t0}
-        metrics.write(**row)
-        eta = (time.time() - t_start) / it * (max_iters - it)
-        print(f"{it} | reward {row['reward']:.4f} | gold {row['gold']:.3f} | kl_sft {row['kl_sft']:.2f} | length "
-              f"{row['length']:.0f} | rep3 {row['rep3']:.3f} | {row['time_s']:.1f}s (rollout {rollout_s:.1f}s) | "
-              f"eta {eta / 60:.1f} min")
-        path = save_rl_checkpoint(model, out_dir, it, max_iters, save_interval, task=task, config=config)
-    print(f"saved {path} ({time.time() - t_start:.0f} s)")
+        line = (f"{it} | reward {row['reward']:.4f} | gold {row['gold']:.3f} | kl_sft {row['kl_sft']:.2f} | length "
+                f"{row['length']:.0f} | rep3 {row['rep3']:.3f} | {row['time_s']:.1f}s (rollout {rollout_s:.1f}s)")
+        log.end_iteration(model, it, row, line)
 
 
 if __name__ == "__main__":
