@@ -7,6 +7,7 @@
 #
 #   bash rlhf/run_cpu.sh out/rlhf                        # data from $DATA_CACHE_DIR (default data/), downloaded
 #   DATA_URL=PATH_OR_URL bash rlhf/run_cpu.sh out/rlhf   # a local copy (or another URL) of the TinyStories archive
+#   SEED=2 bash rlhf/run_cpu.sh out/rlhf_seed2          # another draw of the whole chain (every stage's --seed)
 #
 # Resumable: a stage whose output exists is skipped (delete the output to redo it). Every stage is a script you
 # can run alone as `python -m rlhf.<stage>` (docs/rlhf-chain.md); this file is the recipe, ~20 minutes on 2 CPU cores.
@@ -27,7 +28,7 @@ stage() {  # stage NAME OUTPUT command...: run the command unless OUTPUT exists,
 }
 SFT="$OUT/sft/ckpt.pt"
 RM="$OUT/rm/rm.pt"
-COMMON=(--task="$TASK")
+COMMON=(--task="$TASK" ${SEED:+--seed="$SEED"})  # SEED=n: every stage's --seed (the default: each stage's own)
 EVAL=(python -m rlhf.evaluate "${COMMON[@]}" --out_dir="$OUT" --sft="$SFT" --reward_model="$RM" --n_prompts=128)
 evaluate() {  # evaluate NAME CHECKPOINT
   stage "eval_$1" "$OUT/eval_$1.json" "${EVAL[@]}" --policy="$2" --name="$1"
