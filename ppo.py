@@ -255,16 +255,33 @@ def stop_decision(logprob, stop_logprob, is_stop):
     return torch.where(is_stop, logprob, log_going_on(stop_logprob))
 
 
-def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
-    """PPO's clipped surrogate -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A), averaged over the mask's tokens
-    (0, not NaN, for an empty mask). advantages: per token (B, T) or per sequence (B,).
-    Returns (loss, clip fraction, ratio, clipped: where the clip took the token's gradient away)."""
+LOSS_AGGREGATIONS = ("token", "sequence", "constant")
+
+
+def aggregate(values, mask, how="token", max_len=None):
+    """A per-token loss (B, T) reduced to a scalar over the mask. token: the mean over all the batch's tokens (every
+    token weighs the same); sequence: each sequence's mean, then their mean (GRPO's 1/|o_i|, which favours long
+    wrong answers and short right ones, Liu et al. 2025); constant: the sum over tokens / (B * max_len), a constant
+    (Dr. GRPO's fix, free of either length bias)."""
+    if how == "token":
+        return masked_mean(values, mask)
+    if how == "sequence":
+        return masked_mean(values, mask, axis=1).mean()
+    if how == "constant":
+        return (values * mask).sum() / (values.size(0) * max_len)
+    raise ValueError(f"loss aggregation must be one of {', '.join(LOSS_AGGREGATIONS)}, got {how!r}")
+
+
+def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange, agg="token", max_len=None):
+    """PPO's clipped surrogate -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A), reduced over the mask's tokens by
+    aggregate(agg) (the mean over tokens by default; 0, not NaN, for an empty mask). advantages: per token (B, T) or
+    per sequence (B,). Returns (loss, clip fraction, ratio, clipped: where the clip took the token's gradient away)."""
     if advantages.dim() == 1:
         advantages = advantages[:, None]
     ratio = torch.exp(logprobs - old_logprobs)
     pg_losses = -advantages * ratio
     pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
+    loss = aggregate(torch.max(pg_losses, pg_losses2), mask, agg, max_len)
     clipped = torch.gt(pg_losses2, pg_losses)
     return loss, masked_mean(clipped.float(), mask), ratio, clipped
 

@@ -14,7 +14,7 @@ import math
 import os
 
 from stats import paired_diff_ci
-from utils import atomic_write, fail
+from utils import atomic_write, fail, read_jsonl
 
 
 def pyplot():
@@ -330,3 +330,174 @@ def plot_overoptimisation(folder, evals, bon):
     path = os.path.join(folder, "overoptimisation.png")
     fig.savefig(path, dpi=110)
     print(f"plotted {path}")
+
+
+# -----------------------------------------------------------------------------
+# the reasoning study (rlhf/reason_cpu.sh)
+
+REASON_METHODS = ("grpo", "grpo_kl", "drgrpo", "drgrpo_kl", "rloo", "rloo_kl", "ppo", "ppo_kl")
+
+
+def read_evals(folder):
+    evals = {}
+    for path in glob.glob(os.path.join(folder, "eval_*.json")):
+        with open(path) as f:
+            e = json.load(f)
+        evals[e["name"]] = e
+    return evals
+
+
+def read_timings(folder):
+    """{stage: seconds} from the run's timings.tsv (the last time of each stage; "wall": the sum over invocations)."""
+    out = {}
+    path = os.path.join(folder, "timings.tsv")
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                stage, _, seconds = line.strip().partition("\t")
+                if seconds:
+                    out[stage] = float(seconds) + (out.get(stage, 0.0) if stage == "wall" else 0.0)
+    return out
+
+
+def catch_up_k(base, best):
+    """The smallest k at which the base's pass@k reaches the best method's, or None within the k measured."""
+    ks = sorted(set(map(int, base["pass_at_k"])) & set(map(int, best["pass_at_k"])))
+    return next((k for k in ks if base["pass_at_k"][str(k)] >= best["pass_at_k"][str(k)]), None)
+
+
+def build_reason_report(folder):
+    """report.json, report.md and the figures of the reasoning study from the eval_*.json in folder."""
+    evals = read_evals(folder)
+    if "base" not in evals:
+        fail(f"no eval_base.json in {folder}: run `python -m rlhf.reason_eval --name=base ...` first")
+    base = evals["base"]
+    timings = read_timings(folder)
+    methods = [m for m in REASON_METHODS if m in evals] + sorted(
+        m for m in evals if "@" not in m and m != "base" and m not in REASON_METHODS)
+    rows = {}
+    for m in ["base"] + methods:
+        e = evals[m]
+        row = {k: e.get(k) for k in ("pass1", "pass1_ci", "greedy", "format", "n_tokens", "think_tokens",
+                                     "no_working", "kl_base", "ood")}
+        row["pass_at_k"] = {k: e["pass_at_k"][k] for k in e["pass_at_k"]}
+        if m != "base":
+            row["lift"] = paired_diff_ci(e["pass1_per_problem"], base["pass1_per_problem"])
+            row["train_s"] = timings.get(m)
+        rows[m] = row
+    best = max(methods, key=lambda m: evals[m]["pass1"]) if methods else None
+    lifted = [m for m in methods if rows[m]["lift"][0] >= 0.25 and rows[m]["lift"][1] > 0]
+    k_catch = catch_up_k(base, evals[best]) if best else None
+    k_match = next((int(k) for k in sorted(base["pass_at_k"], key=int)  # k samples of the base ~ one of the best
+                    if base["pass_at_k"][k] >= evals[best]["pass1"]), None) if best else None
+    stages_sum = sum(v for k, v in timings.items() if k != "wall")
+    total = timings.get("wall", stages_sum)
+    targets_ = [
+        {"target": "held-out pass@1 of the base at temperature 1 in [0.15, 0.6]", "measured": f"{base['pass1']:.3f}",
+         "met": 0.15 <= base["pass1"] <= 0.6},
+        {"target": "at least two RL methods lift pass@1 by >= +0.25, CI excluding 0",
+         "measured": ", ".join(f"{m} {rows[m]['lift'][0]:+.3f}" for m in lifted) or "none", "met": len(lifted) >= 2},
+        {"target": "format rate >= 0.95 after RL (the methods that lift pass@1)",
+         "measured": ", ".join(f"{m} {rows[m]['format']:.3f}" for m in lifted) or "-",
+         "met": bool(lifted) and all(rows[m]["format"] >= 0.95 for m in lifted)},
+        {"target": "the whole run in <= 20 minutes", "measured": f"{total / 60:.1f} min wall clock (the stages' sum: "
+         f"{stages_sum / 60:.1f} min)",
+         "met": 0 < total <= 1200}]
+    result = {"methods": rows, "best": best, "base_catches_up_at_k": k_catch,
+              "base_k_for_best_pass1": k_match, "targets": targets_,
+              "timings_s": timings, "curves": reason_curves(folder, methods)}
+    with atomic_write(os.path.join(folder, "report.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    kmax = max(map(int, base["pass_at_k"]))
+    ks = [k for k in (1, 4, 16, 64) if k <= kmax]
+    lines = ["# Reasoning from scratch: RL with verifiable rewards on integer arithmetic", "",
+             f"Held-out: {base['problems']} problems never trained on, {base['samples_per_problem']} samples each at "
+             "temperature 1 (pass@k by the unbiased estimator), one greedy; differences paired over the same "
+             "problems with 95% bootstrap intervals; KL to the base in nats per response; OOD: an operand one digit "
+             "longer than any trained on.", "",
+             "| method | pass@1 [95% CI] | − base [95% CI] | greedy | " + " | ".join(f"pass@{k}" for k in ks[1:])
+             + " | format | tokens | working | no working | KL to base | OOD pass@1 | OOD greedy | train s |",
+             "|---|---|---|---|" + "---|" * (len(ks) - 1) + "---|---|---|---|---|---|---|---|"]
+    for m, r in rows.items():
+        lift = "–" if m == "base" else f"{r['lift'][0]:+.3f} [{r['lift'][1]:+.3f}, {r['lift'][2]:+.3f}]"
+        ood = r.get("ood") or {}
+        lines.append(
+            f"| {m} | {r['pass1']:.3f} [{r['pass1_ci'][0]:.3f}, {r['pass1_ci'][1]:.3f}] | {lift} | {r['greedy']:.3f} | "
+            + " | ".join(f"{r['pass_at_k'][str(k)]:.3f}" for k in ks[1:])
+            + f" | {r['format']:.3f} | {r['n_tokens']:.1f} | {r['think_tokens']:.1f} | {r['no_working']:.3f} | "
+            f"{r['kl_base'] if r.get('kl_base') is not None else 0:.2f} | {ood.get('pass1', float('nan')):.3f} | "
+            f"{ood.get('greedy', float('nan')):.3f} | {r.get('train_s') or 0:.0f} |")
+    if best:
+        lines += ["", f"The best method by pass@1 is **{best}**. " + (
+            f"The base's pass@k reaches its pass@k at k = {k_catch}." if k_catch else
+            f"The base's pass@k stays below its pass@k at every k up to {kmax}.") + (
+            f" The base needs k = {k_match} samples to match its pass@1." if k_match else
+            f" No k up to {kmax} lets the base match its pass@1.")]
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |" for t in targets_]
+    with atomic_write(os.path.join(folder, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot_reason(folder, evals, result["curves"], best)
+
+
+def reason_curves(folder, methods):
+    """{method: {"iter": [...], "pass1": [...], "tokens": [...], "working": [...]}} per RL iteration, from each run's
+    metrics.jsonl: the correct rate of its rollouts (pass@1 at temperature 1 on problems it had not trained on
+    before), their length and the working's length."""
+    curves = {}
+    for m in methods:
+        rows = read_jsonl(os.path.join(folder, m, "metrics.jsonl"))
+        if rows and "correct" in rows[0]:
+            curves[m] = {"iter": [r["iter"] for r in rows], "pass1": [r["correct"] for r in rows],
+                         "tokens": [r["length"] if "length" in r else r.get("response_length_mean") for r in rows],
+                         "working": [r.get("think_tokens") for r in rows]}
+    return curves
+
+
+def plot_reason(folder, evals, curves, best):
+    """reason_curves.png: the rollouts' pass@1, response length and <think> length against iteration per method;
+    reason_pass_at_k.png: pass@k of the base and of the best method."""
+    plt = pyplot()
+    if plt is None:
+        print("matplotlib not installed: no figures (pip install matplotlib)")
+        return
+    def smooth(values, window=5):  # the mean of the last `window` iterations: 128 rollouts each are noisy
+        out = []
+        for i in range(len(values)):
+            known = [v for v in values[max(0, i - window + 1): i + 1] if v is not None]
+            out.append(sum(known) / len(known) if known else float("nan"))  # nan: a gap (a key not logged)
+        return out
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for i, (method, c) in enumerate(sorted(curves.items())):
+        style = dict(color=f"C{i // 2}", linestyle="--" if method.endswith("_kl") else "-", label=method)
+        for ax, key in zip(axes, ("pass1", "tokens", "working")):
+            ax.plot(c["iter"], smooth(c[key]), **style)
+    axes[0].set_title("each point: the mean of the last 5 iterations' rollouts", fontsize=9, loc="left")
+    axes[0].set_ylabel("pass@1 of the rollouts (temperature 1)")
+    axes[1].set_ylabel("response length (tokens)")
+    axes[2].set_ylabel("<think> length (tokens)")
+    for ax in axes:
+        ax.set_xlabel("RL iteration")
+        ax.grid(alpha=0.3)
+    axes[2].legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "reason_curves.png"), dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name_ in ["base"] + ([best] if best else []):
+        pk = evals[name_]["pass_at_k"]
+        ks = sorted(map(int, pk))
+        ax.plot(ks, [pk[str(k)] for k in ks], "o-", markersize=3, label=name_)
+    if best:  # where k samples of the base match one of the best method
+        ax.axhline(evals[best]["pass1"], color="grey", linestyle=":", linewidth=1, label=f"{best}: pass@1")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k")
+    ax.set_ylabel("held-out pass@k")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "reason_pass_at_k.png"), dpi=110)
+    plt.close(fig)
+    print(f"plotted {folder}/reason_curves.png and reason_pass_at_k.png")

@@ -1,6 +1,6 @@
 """
 The statistics of the RLHF chain's reports: bootstrap confidence intervals (of a mean and of a paired difference),
-Spearman's rank correlation, and the pairwise accuracy of a scorer on preference pairs. Plain Python, seeded.
+Spearman's rank correlation, the pairwise accuracy of a scorer on preference pairs, and pass@k. Plain Python, seeded.
 """
 import math
 import random
@@ -47,3 +47,13 @@ def pair_accuracy(pairs, score):
     """Fraction of (chosen, rejected) pairs the score orders like gold (a tie counts half)."""
     return sum(1.0 if score[c] > score[r] else 0.5 if score[c] == score[r] else 0.0
                for c, r in pairs) / max(1, len(pairs))
+
+
+def pass_at_k(n, c, k):
+    """The unbiased estimate of pass@k from n samples of which c are correct (Chen et al. 2021):
+    1 - C(n - c, k) / C(n, k), the chance that k of the n samples drawn without replacement hold a correct one."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)

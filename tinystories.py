@@ -6,6 +6,8 @@ Download, tokenize and serve the TinyStories dataset.
     python tinystories.py train_vocab --vocab_size=512  # sentencepiece BPE -> data/tok512.model
     python tinystories.py pretokenize --vocab_size=512  # -> data/tok512/data00.bin ... (uint16)
     python tinystories.py pretokenize                   # Llama 2 vocab -> data/TinyStories_all_data/*.bin
+    python tinystories.py train_vocab --vocab_size=320 --data_dir=DIR   # any folder of JSON shards, e.g. a
+    python tinystories.py pretokenize --vocab_size=320 --data_dir=DIR   # generated corpus (rlhf/reason_cpu.sh)
 
 The data folder is data/ unless the DATA_CACHE_DIR environment variable says otherwise.
 Shard 0 is the validation split, the rest is training (as llama2.c). Train.py reads the .bin shards
@@ -150,27 +152,29 @@ def download(data_url=DATA_URL, sha256=None, retries=5):
     print(f"Download done. Number of shards: {len(shards)}; example story from shard 0:\n{data[0]['story'][:300]}")
 
 
-def shard_paths():
-    data_dir = os.path.join(DATA_CACHE_DIR, "TinyStories_all_data")
+def shard_paths(data_dir=None):
+    """The JSON shards (each a list of {"story": text}) in data_dir, default DATA_CACHE_DIR/TinyStories_all_data."""
+    data_dir = data_dir or os.path.join(DATA_CACHE_DIR, "TinyStories_all_data")
     shards = sorted(glob.glob(os.path.join(data_dir, "*.json")))
     if not shards:
-        raise DataError(f"no TinyStories shards in {data_dir}: run `python tinystories.py download` first")
+        raise DataError(f"no JSON shards in {data_dir}: run `python tinystories.py download` first "
+                        f"(or give --data_dir=DIR, a folder of shards)")
     return shards
 
 
 # -----------------------------------------------------------------------------
 # tokenizer training
 
-def train_vocab(vocab_size: int, num_shards: int = 10):
-    """Train a sentencepiece BPE tokenizer with llama2.c's options on the first num_shards shards;
-    writes DATA_CACHE_DIR/tok{vocab_size}.model (and .vocab)."""
+def train_vocab(vocab_size: int, num_shards: int = 10, data_dir=None):
+    """Train a sentencepiece BPE tokenizer with llama2.c's options (digits split) on the first num_shards shards
+    of data_dir (default: TinyStories); writes DATA_CACHE_DIR/tok{vocab_size}.model (and .vocab)."""
     import sentencepiece as spm
     if vocab_size <= 0:
         raise DataError(f"--vocab_size must be positive, got {vocab_size}")
     prefix = os.path.join(DATA_CACHE_DIR, f"tok{vocab_size}")
     text_file = os.path.join(DATA_CACHE_DIR, "tiny.txt")
     with atomic_write(text_file, "w") as of:
-        for shard in tqdm(shard_paths()[:num_shards], desc="collecting text"):
+        for shard in tqdm(shard_paths(data_dir)[:num_shards], desc="collecting text"):
             with open(shard) as f:
                 for example in json.load(f):
                     of.write(example["story"].strip() + "\n")
@@ -229,13 +233,13 @@ def _encode_batch(batch, model_path, model_sha):
     return {"ids": [enc.encode(s.strip(), bos=True, eos=False) for s in batch["story"]]}
 
 
-def pretokenize(vocab_size: int, tokenizer_model=None, num_proc=None):
+def pretokenize(vocab_size: int, tokenizer_model=None, num_proc=None, data_dir=None):
     """Tokenize every JSON shard into a flat array of token ids (BOS before each story), one .bin
     per shard, written atomically. Loading and mapping run through the `datasets` library: parallel
     workers, and a cache under DATA_CACHE_DIR/hf_cache that makes a re-run nearly free."""
     from datasets import load_dataset, disable_progress_bars
     import pyarrow.compute as pc
-    shards = shard_paths()
+    shards = shard_paths(data_dir)
     model_path = tokenizer_model or get_tokenizer_model_path(vocab_size) or "tokenizer.model"
     enc = Tokenizer(model_path)  # fails early, with a clear message, on a missing tokenizer
     if vocab_size and enc.n_words != vocab_size:
@@ -389,6 +393,9 @@ if __name__ == "__main__":
     parser.add_argument("--tokenizer", type=str, default=None, help="pretokenize with this .model file")
     parser.add_argument("--num_shards", type=int, default=10, help="shards of text used by train_vocab")
     parser.add_argument("--num_proc", type=int, default=None, help="pretokenize workers (default: all cores)")
+    parser.add_argument("--data_dir", type=str, default=None,
+                        help="train_vocab/pretokenize: a folder of JSON shards (lists of {\"story\": text}) instead "
+                             "of TinyStories, e.g. a generated corpus")
     args = parser.parse_args()
     if args.vocab_size < 0:
         parser.error(f"--vocab_size must be >= 0, got {args.vocab_size}")
@@ -398,8 +405,8 @@ if __name__ == "__main__":
         elif args.stage == "train_vocab":
             if args.vocab_size == 0:
                 parser.error("train_vocab needs --vocab_size=N (e.g. 512)")
-            train_vocab(args.vocab_size, args.num_shards)
+            train_vocab(args.vocab_size, args.num_shards, args.data_dir)
         elif args.stage == "pretokenize":
-            pretokenize(args.vocab_size, args.tokenizer, args.num_proc)
+            pretokenize(args.vocab_size, args.tokenizer, args.num_proc, args.data_dir)
     except (DataError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")

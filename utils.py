@@ -1,7 +1,7 @@
 """
 Small helpers every script shares: one-line errors, atomic file writes, device and dtype selection, the
-`--compile=auto` rule, the JSONL metrics log, the learning-rate schedule, and the repeated-n-gram rate of a text. (Checkpoints: checkpoint.py; the tokenizer of a model: tokenizer.py;
-plots and reports: report.py.)
+`--compile=auto` rule, the JSONL metrics log and its reader, the learning-rate schedule, and the repeated-n-gram
+rate of a text. (Checkpoints: checkpoint.py; the tokenizer of a model: tokenizer.py; plots and reports: report.py.)
 """
 import contextlib
 import json
@@ -103,6 +103,21 @@ class MetricsLog:
     def write(self, **row):
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path):
+    """The objects of a JSON Lines file, one per non-blank line; a malformed line is named by file and line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found")
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg}, column {e.colno})") from None
+    return rows
 
 
 def cosine_lr(it, learning_rate, min_lr, warmup_iters, decay_iters):

@@ -22,13 +22,14 @@ from checkpoint import load_checkpoint, model_checkpoint, model_from_checkpoint,
 from export import load_model
 from generate import compile_decode, generate_withcache
 from ppo import logprobs_from_logits
+from tasks.arithmetic import ArithmeticTask
 from tasks.common import Example, gold_of
 from tasks.instruct import InstructTask
 from tasks.story import StoryTask
 from tokenizer import find_tokenizer, load_tokenizer
 from utils import MetricsLog, atomic_write, fail, pick_device, repeated_ngram_rate, should_compile
 
-TASKS = ("story", "instruct")
+TASKS = ("story", "instruct", "arithmetic")
 
 
 # -----------------------------------------------------------------------------
@@ -37,12 +38,14 @@ TASKS = ("story", "instruct")
 def load_task(name, enc, data_dir=None, seed=0, reference=None, kinds=None):
     """The task `name` over the TinyStories JSON shards in data_dir (default $DATA_CACHE_DIR/TinyStories_all_data).
     story: reference is the frozen model of gold's fluency component (a Reference); instruct: kinds are the
-    constraints its prompts may carry (default all)."""
+    constraints its prompts may carry (default all); arithmetic: generated problems, no data (tasks/arithmetic.py)."""
     if name == "story":
         return StoryTask(enc, data_dir, seed=seed, reference=reference)
     if name == "instruct":
         return InstructTask(enc, data_dir, seed=seed, **({"kinds": kinds} if kinds else {}))
-    raise ValueError(f"unknown task {name!r}: use --task=story or --task=instruct")
+    if name == "arithmetic":
+        return ArithmeticTask(enc, seed=seed)
+    raise ValueError(f"unknown task {name!r}: use --task=story, instruct or arithmetic")
 
 
 def open_tokenizer(tokenizer, policy, vocab_size):
@@ -360,13 +363,6 @@ def write_jsonl(path, rows):
             f.write(json.dumps(r) + "\n")
 
 
-def read_jsonl(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 # -----------------------------------------------------------------------------
 # scoring: the reward model and the guard metrics
 
@@ -477,7 +473,9 @@ def group_advantages(rewards, group_size, kind="grpo", eps=1e-4):
         return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).flatten()
     if kind == "rloo":
         return (g - (g.sum(1, keepdim=True) - g) / (group_size - 1)).flatten()
-    raise ValueError(f"advantage must be grpo, rloo or reinforce, got {kind!r}")
+    if kind == "drgrpo":  # Dr. GRPO: the group's mean subtracted, no division by its std
+        return (g - g.mean(1, keepdim=True)).flatten()
+    raise ValueError(f"advantage must be grpo, drgrpo, rloo or reinforce, got {kind!r}")
 
 
 # -----------------------------------------------------------------------------

@@ -17,8 +17,8 @@ import torch
 
 import configurator
 from rlhf.common import (TASKS, dpo_loss, load_frozen, load_policy, make_batch, open_tokenizer, preference_pairs,
-                         read_jsonl, response_logprobs, save_policy, sequence_logprobs, shuffled_batches, train_step)
-from utils import MetricsLog, cosine_lr, fail, pick_device, set_lr
+                         response_logprobs, save_policy, sequence_logprobs, shuffled_batches, train_step)
+from utils import MetricsLog, cosine_lr, fail, pick_device, read_jsonl, set_lr
 
 # -----------------------------------------------------------------------------
 task = "story"  # story or instruct (the tasks package): the task the pool was sampled on

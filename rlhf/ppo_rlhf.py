@@ -26,7 +26,7 @@ from tasks.common import gold_of
 from utils import cosine_lr, fail, set_lr, should_compile
 
 # -----------------------------------------------------------------------------
-task = "story"  # story or instruct (the tasks package)
+task = "story"  # story, instruct or arithmetic (the tasks package)
 policy = "out/rlhf/sft/ckpt.pt"  # the initial policy, and the KL reference unless kl_reference says otherwise
 kl_reference = ""  # the frozen model of the KL penalty ("" = policy)
 reward = "gold"  # gold (the judge itself) or the path of a reward model (rlhf/reward_model.py's rm.pt)
@@ -94,11 +94,20 @@ def main():
         examples = stream.next(rollouts)
 
         def score_fn(responses, ended):
-            golds = [gold_of(c) for c in the_task.score(examples, responses)]
+            components = the_task.score(examples, responses)
+            golds = [gold_of(c) for c in components]
+            n = len(golds)
+            texts = [the_task.story_text(e, r[:-1] if r[-1:] == [enc.bos_id] else r)
+                     for e, r in zip(examples, responses)]
+            per_task = {**{c: sum(x.get(c, 0.0) for x in components) / n for c in the_task.components},
+                        **the_task.response_stats(texts)}  # the task's own means, logged as they are named
+            task_stats = {"gold_mean": sum(golds) / n, **{f"task/{k}": v for k, v in per_task.items()},
+                          # length_mean counts the prompt too (the seed's story length); this, the response alone
+                          "response_length_mean": sum(len(r) - e for r, e in zip(responses, ended)) / n}
             if rm is None:
-                return golds, {"gold_mean": sum(golds) / len(golds)}
+                return golds, task_stats
             scores = reward_scores(rm, [e.prompt for e in examples], responses)
-            return scores, {"gold_mean": sum(golds) / len(golds), "rm_score_mean": sum(scores) / len(scores)}
+            return scores, {**task_stats, "rm_score_mean": sum(scores) / n}
 
         lr = set_lr(optimizer, cosine_lr(it - 1, learning_rate, min_lr, 0, max_iters))
         torch.manual_seed(seed + it)  # the rollouts' sampling
@@ -106,10 +115,12 @@ def main():
                               stop_id=enc.bos_id, decode_fn=decode_fn, score_fn=score_fn)
         model.eval()
         row = {"iter": it, "reward_mean": stats["reward_mean"], "gold_mean": stats["gold_mean"],
-               "kl_ref": stats["ppo/kl_ref"], "length_mean": stats["length_mean"], "ended_frac": stats["ended_frac"],
+               "kl_ref": stats["ppo/kl_ref"], "length_mean": stats["length_mean"],
+               "response_length_mean": stats["response_length_mean"], "ended_frac": stats["ended_frac"],
                "entropy": stats["objective/entropy"], "rep3_rate": stats["rep3_rate"], "lr": lr,
                "kl_coef": stats["objective/kl_coef"], "value_error": stats["ppo/val/error"],
-               "clipfrac": stats["ppo/policy/clipfrac"], "time_s": time.time() - t_start}
+               "clipfrac": stats["ppo/policy/clipfrac"], "time_s": time.time() - t_start,
+               **{k.removeprefix("task/"): v for k, v in stats.items() if k.startswith("task/")}}
         line = (f"{it} | reward {row['reward_mean']:.4f} | gold {row['gold_mean']:.3f} | kl_ref {row['kl_ref']:.2f} | "
                 f"length {row['length_mean']:.0f} | ended {row['ended_frac']:.2f} | entropy {row['entropy']:.0f} | "
                 f"rollout {stats['rollout_s']:.1f}s")

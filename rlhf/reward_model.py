@@ -23,11 +23,11 @@ import time
 from tqdm import tqdm
 
 import configurator
-from rlhf.common import (length_only_predictor, load_policy, open_stage, pairwise_loss, preference_pairs, read_jsonl,
+from rlhf.common import (length_only_predictor, load_policy, open_stage, pairwise_loss, preference_pairs,
                          reward_scores, rm_forward, rm_sequence, sample_record, sample_stories, save_policy,
                          shuffled_batches, train_step, write_jsonl)
 from stats import pair_accuracy, spearman
-from utils import MetricsLog, atomic_write, cosine_lr, fail, set_lr
+from utils import MetricsLog, atomic_write, cosine_lr, fail, read_jsonl, set_lr
 
 # -----------------------------------------------------------------------------
 task = "story"  # story or instruct (the tasks package)

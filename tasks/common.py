@@ -30,6 +30,15 @@ class Splits:
         return ex[:n] if n else ex
 
 
+class Task:
+    """The base of every task: name, components, max_gen_len, train_examples(epoch), heldout_examples(n),
+    story_text(example, ids) and score(examples, responses) are each task's own."""
+
+    def response_stats(self, texts) -> Dict[str, float]:
+        """Task-specific means over a batch of responses (as text), logged per RL iteration: none by default."""
+        return {}
+
+
 def gold_of(components: Dict[str, float]) -> float:
     """Gold: the mean of a story's components (each in [0, 1])."""
     return sum(components.values()) / len(components)

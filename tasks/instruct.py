@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from tasks.common import Example, Splits
+from tasks.common import Example, Splits, Task
 from utils import DATA_CACHE_DIR
 
 KINDS = ("words", "sentence", "dialogue", "length")
@@ -260,7 +260,7 @@ class InstructData(Splits):
         return out
 
 
-class InstructTask:
+class InstructTask(Task):
     """The instruction task behind the chain's task interface (tasks/common.py): gold's components are the prompt's
     constraints (each prompt carries a subset)."""
     name = "instruct"

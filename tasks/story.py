@@ -18,7 +18,7 @@ Training prompts come from shards 1+, held-out prompts only from shard 0 (llama2
 import re
 from typing import Dict, List
 
-from tasks.common import Example, Splits
+from tasks.common import Example, Splits, Task
 from tasks.instruct import WordStats, load_stories, sentences_of, shard_files
 from utils import repeated_ngram_rate
 
@@ -80,7 +80,7 @@ def prompt_names(prompt_text: str, boundary: bool, names) -> List[str]:
     return sorted({w for w in words if w in names})
 
 
-class StoryTask(Splits):
+class StoryTask(Splits, Task):
     name = "story"
     rng_prefix = "story-"  # a prompt's length is drawn per story and epoch (train_examples)
     components = COMPONENTS

@@ -14,7 +14,7 @@ import torch
 
 from conftest import REPO, run, run_in_process, shared_path, stage
 from model import ModelArgs, TransformerWithValueHead
-from ppo import clipped_policy_loss
+from ppo import aggregate, clipped_policy_loss
 from rlhf.common import (best_of_n_kl_bound, best_of_n_weights, dpo_loss, group_advantages, make_batch, pad_right,
                          pairwise_loss, preference_pairs, response_logprobs, reward_scores, rm_sequence)
 from stats import bootstrap_ci, pair_accuracy, paired_diff_ci, spearman
@@ -287,6 +287,25 @@ def test_group_advantages_by_hand():
     assert clipped_policy_loss(lp, lp, torch.tensor([1.0, 1.0]), torch.zeros(2, 3), 0.2)[0].item() == 0.0
 
 
+def test_dr_grpo_advantage_and_the_loss_aggregations_by_hand():
+    r = [1.0, 0.0, 0.5, 0.5]
+    assert group_advantages(r, 2, "drgrpo").tolist() == pytest.approx([0.5, -0.5, 0.0, 0.0])  # no std
+    with pytest.raises(ValueError, match="drgrpo"):
+        group_advantages(r, 2, "grpoo")
+    # ratio 1: the loss is minus the advantage on every response token; rows of 2 and 1 tokens, advantages 1, -2
+    lp = torch.zeros(2, 3)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    adv = torch.tensor([1.0, -2.0])
+    token = clipped_policy_loss(lp, lp, adv, mask, 0.2, "token")[0]
+    sequence = clipped_policy_loss(lp, lp, adv, mask, 0.2, "sequence")[0]
+    constant = clipped_policy_loss(lp, lp, adv, mask, 0.2, "constant", max_len=4)[0]
+    assert token.item() == pytest.approx(-(1 + 1 - 2) / 3)  # every token weighs the same
+    assert sequence.item() == pytest.approx(-(1 + -2) / 2)  # each response's mean, then the mean
+    assert constant.item() == pytest.approx(-(1 + 1 - 2) / (2 * 4))  # the sum over a constant
+    with pytest.raises(ValueError, match="aggregation"):
+        aggregate(lp, mask, "mean")
+
+
 def test_best_of_n_weights_equal_the_enumeration():
     rng = random.Random(0)
     keys = [rng.choice([0.1, 0.5, 0.9, 1.3]) for _ in range(7)]  # with ties
@@ -438,6 +457,15 @@ def test_bad_settings_are_refused_in_one_line(args, message):
     assert proc.returncode != 0
     lines = [x for x in proc.stderr.strip().splitlines() if not x.startswith("Overriding:")]
     assert message in proc.stderr and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+
+
+def test_a_malformed_jsonl_line_is_named_by_file_and_line(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": [1, 2], "gold": 0.5}\n\n{"prompt": [1, 2], "story": "a\tb"}\n')  # a raw tab
+    proc = run_in_process([*stage("dpo"), f"--pairs={pairs}"])
+    lines = [x for x in proc.stderr.strip().splitlines() if not x.startswith("Overriding:")]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: {pairs}, line 3: not valid JSON (Invalid control character"), lines[0]
 
 
 def test_shuffled_batches_cover_each_epoch_once_in_full_batches():
