@@ -116,7 +116,8 @@ def read_jsonl(path):
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg}, column {e.colno})") from None
+                    reason = e.msg.removesuffix(" at")  # "Invalid control character at"
+                    raise ValueError(f"{path}, line {n}, column {e.colno}: not valid JSON ({reason})") from None
     return rows
 
 

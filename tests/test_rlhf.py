@@ -465,7 +465,7 @@ def test_a_malformed_jsonl_line_is_named_by_file_and_line(tmp_path):
     proc = run_in_process([*stage("dpo"), f"--pairs={pairs}"])
     lines = [x for x in proc.stderr.strip().splitlines() if not x.startswith("Overriding:")]
     assert proc.returncode != 0 and len(lines) == 1, proc.stderr
-    assert lines[0].startswith(f"error: {pairs}, line 3: not valid JSON (Invalid control character"), lines[0]
+    assert lines[0] == f"error: {pairs}, line 3, column 31: not valid JSON (Invalid control character)", lines[0]
 
 
 def test_shuffled_batches_cover_each_epoch_once_in_full_batches():
