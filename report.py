@@ -113,12 +113,18 @@ def report_order(name):
     return rank, method, int(step) if step else 10 ** 9
 
 
-def build_report(folder):
+def read_evals(folder):
+    """{name: evaluation} from every eval_*.json in folder (the chain's and the reasoning study's evaluations)."""
     evals = {}
     for path in glob.glob(os.path.join(folder, "eval_*.json")):
         with open(path) as f:
             e = json.load(f)
         evals[e["name"]] = e
+    return evals
+
+
+def build_report(folder):
+    evals = read_evals(folder)
     if not evals:
         fail(f"no eval_*.json in {folder}: run `python -m rlhf.evaluate` on some checkpoints first")
     evals = dict(sorted(evals.items(), key=lambda kv: report_order(kv[0])))
@@ -336,15 +342,6 @@ def plot_overoptimisation(folder, evals, bon):
 # the reasoning study (rlhf/reason_cpu.sh)
 
 REASON_METHODS = ("grpo", "grpo_kl", "drgrpo", "drgrpo_kl", "rloo", "rloo_kl", "ppo", "ppo_kl")
-
-
-def read_evals(folder):
-    evals = {}
-    for path in glob.glob(os.path.join(folder, "eval_*.json")):
-        with open(path) as f:
-            e = json.load(f)
-        evals[e["name"]] = e
-    return evals
 
 
 def read_timings(folder):
