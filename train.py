@@ -37,7 +37,8 @@ from model import ModelArgs, Transformer, TransformerWithValueHead
 from tinystories import BatchStream, DataError, Task, file_sha256, read_meta
 from tokenizer import find_tokenizer, load_tokenizer
 from report import plot_ppo_metrics
-from utils import DTYPES, MetricsLog, cosine_lr, fail, pick_device, pick_dtype, set_lr, should_compile
+from utils import (DTYPES, MetricsLog, cosine_lr, fail, hold_out_dir, pick_device, pick_dtype, set_lr,
+                   should_compile)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -187,7 +188,7 @@ if ppo:  # every PPO setting is checked here, before anything is loaded
              f"= {ppoconf.backward_batch_size}, got {hold_rollouts}")
 
 if master_process:
-    os.makedirs(out_dir, exist_ok=True)
+    hold_out_dir(out_dir)  # one run per folder
 torch.manual_seed(seed + seed_offset)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True

@@ -3,13 +3,16 @@ Small helpers every script shares: one-line errors, atomic file writes, device a
 `--compile=auto` rule, the JSONL metrics log and its reader, the learning-rate schedule, and the repeated-n-gram
 rate of a text. (Checkpoints: checkpoint.py; the tokenizer of a model: tokenizer.py; plots and reports: report.py.)
 """
+import atexit
 import contextlib
 import json
 import math
 import os
 import shutil
+import socket
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -145,3 +148,83 @@ def repeated_ngram_rate(tokens, n=3):
     degenerate text that loops scores high, the pre-trained model's stories score what they score."""
     grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
     return (len(grams) - len(set(grams))) / len(grams) if len(grams) > 1 else 0.0
+
+
+# -----------------------------------------------------------------------------
+# one run per output folder
+
+LOCK_NAME = ".run.lock"
+
+
+def _process_start(pid):
+    """When process pid started (Linux: field 22 of /proc/PID/stat, in clock ticks), or None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _running(pid, start):
+    """Whether the process that wrote a lock still runs (a pid reused by another process does not count)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    now = _process_start(pid)
+    return start is None or now is None or now == start
+
+
+def _read_lock(path):
+    for _ in range(20):  # a lock just created may not be written yet
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            time.sleep(0.05)
+    return None  # unreadable: left half-written by a process that died
+
+
+def hold_out_dir(out_dir):
+    """Create out_dir and hold it for this process until it exits: out_dir/.run.lock names the process. A folder
+    that a running process holds is refused in one line naming it (two runs writing the same checkpoints would
+    overwrite each other); a lock left by a process that is gone (killed, crashed) is taken over, with a note."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, LOCK_NAME)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
+          "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])[:300]}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            other = _read_lock(path)
+            if other == {}:
+                continue  # released meanwhile
+            if other is not None and other.get("pid") == me["pid"] and other.get("host") == me["host"]:
+                return path  # ours already (a second stage in the same process)
+            if other is not None and other.get("host") != me["host"]:
+                fail(f"{out_dir} is held by process {other.get('pid')} on {other.get('host')} ({path}): use another "
+                     f"--out_dir, or delete {path} if that run has ended")
+            if other is not None and _running(other.get("pid", -1), other.get("start")):
+                fail(f"{out_dir} is in use by process {other['pid']} ({other.get('command', '?')}): wait for it to "
+                     f"end or use another --out_dir")
+            who = f"process {other.get('pid')}" if other else "a process"
+            print(f"note: {out_dir} was held by {who}, which is no longer running; taking it over")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        atexit.register(_release_lock, path, me["pid"])
+        return path
+    fail(f"could not take {path}: delete it if no run uses {out_dir}")
+
+
+def _release_lock(path, pid):
+    if os.getpid() == pid and (_read_lock(path) or {}).get("pid") == pid:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)

@@ -18,7 +18,7 @@ import torch
 import configurator
 from rlhf.common import (TASKS, dpo_loss, load_frozen, load_policy, make_batch, open_tokenizer, preference_pairs,
                          response_logprobs, save_policy, sequence_logprobs, shuffled_batches, train_step)
-from utils import MetricsLog, cosine_lr, fail, pick_device, read_jsonl, set_lr
+from utils import MetricsLog, cosine_lr, fail, hold_out_dir, pick_device, read_jsonl, set_lr
 
 # -----------------------------------------------------------------------------
 task = "story"  # story or instruct (the tasks package): the task the pool was sampled on
@@ -58,12 +58,12 @@ def main():
         fail(f"{pairs} gives {len(chosen_rejected)} preference pairs, fewer than --batch_size={batch_size}")
     prompts = [r["prompt_ids"] for r in records]
     responses = [r["response"] for r in records]
+    hold_out_dir(out_dir)  # one run per folder
     t_start = time.time()
     ref_lp = sequence_logprobs(reference, prompts, responses)  # once: the reference never changes
     del reference
     print(f"DPO on {len(chosen_rejected)} pairs, beta {beta}; reference log-probs in {time.time() - t_start:.0f} s")
 
-    os.makedirs(out_dir, exist_ok=True)
     metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
     optimizer = model.configure_optimizers(0.0, learning_rate, (0.9, 0.95), dev.split(":")[0])
     steps = epochs * (len(chosen_rejected) // batch_size)

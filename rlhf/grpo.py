@@ -18,7 +18,6 @@ constraint); beta=0: none. ppo_epochs > 1 reuses the rollouts with the ratio cli
 per iteration of 64 stories; one GPU: the same command. Writes out_dir/ckpt.pt, ckpt_<iter>.pt every save_interval
 (the over-optimisation curve), and metrics.jsonl.
 """
-import os
 import sys
 import time
 
@@ -28,7 +27,7 @@ import configurator
 from ppo import LOSS_AGGREGATIONS, aggregate, clipped_policy_loss, kl_estimate
 from rlhf.common import (PromptStream, RunLog, group_advantages, load_frozen, make_batch, open_reward, open_stage,
                          response_logprobs, reward_scores, sample_stories, train_step)
-from utils import cosine_lr, fail, repeated_ngram_rate, set_lr
+from utils import cosine_lr, fail, hold_out_dir, repeated_ngram_rate, set_lr
 
 # -----------------------------------------------------------------------------
 task = "story"  # story, instruct or arithmetic (the tasks package)
@@ -78,7 +77,7 @@ def main():
                                                       config=config)
     ref_model = load_frozen(policy, dev)  # the KL reference: the policy's own checkpoint, already read
     optimizer = model.configure_optimizers(0.0, learning_rate, (0.9, 0.95), dev.split(":")[0])
-    os.makedirs(out_dir, exist_ok=True)
+    hold_out_dir(out_dir)  # one run per folder
     prompts_stream = PromptStream(the_task)  # prompts neither SFT nor the reward model's pool used
     print(f"{advantage} on reward {reward}: {max_iters} iterations of {prompts_per_iter} prompts x {group_size} "
           f"stories, beta {beta} ({kl_mode}), loss over {loss_agg}")

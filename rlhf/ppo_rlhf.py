@@ -12,7 +12,6 @@ CPU: ~12 s per iteration of 64 rollouts; one GPU: the same command. Writes out_d
 max_iters), ckpt_<iter>.pt every save_interval (the over-optimisation curve), and metrics.jsonl (one line per
 iteration: reward, gold, KL to the reference, length, the PPO statistics).
 """
-import os
 import sys
 import time
 
@@ -23,7 +22,7 @@ from generate import compile_decode
 from ppo import PPOConfig, PPOTrainer, ppo_iteration
 from rlhf.common import PromptStream, RunLog, load_frozen, load_policy, open_reward, open_stage, reward_scores
 from tasks.common import gold_of
-from utils import cosine_lr, fail, set_lr, should_compile
+from utils import cosine_lr, fail, hold_out_dir, set_lr, should_compile
 
 # -----------------------------------------------------------------------------
 task = "story"  # story, instruct or arithmetic (the tasks package)
@@ -85,7 +84,7 @@ def main():
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (0.9, beta2), dev.split(":")[0])
     trainer = PPOTrainer(ppoconf, model, ref_model, optimizer)
     stream = PromptStream(the_task)
-    os.makedirs(out_dir, exist_ok=True)
+    hold_out_dir(out_dir)  # one run per folder
     print(f"PPO on reward {reward}: {max_iters} iterations of {rollouts} rollouts, kl_coef {init_kl_coef} "
           f"({kl_mode})")
     log = RunLog(out_dir, max_iters, save_interval, task=task, config=config)

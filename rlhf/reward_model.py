@@ -27,7 +27,7 @@ from rlhf.common import (length_only_predictor, load_policy, open_stage, pairwis
                          reward_scores, rm_forward, rm_sequence, sample_record, sample_stories, save_policy,
                          shuffled_batches, train_step, write_jsonl)
 from stats import pair_accuracy, spearman
-from utils import MetricsLog, atomic_write, cosine_lr, fail, read_jsonl, set_lr
+from utils import MetricsLog, atomic_write, cosine_lr, fail, hold_out_dir, read_jsonl, set_lr
 
 # -----------------------------------------------------------------------------
 task = "story"  # story or instruct (the tasks package)
@@ -92,7 +92,7 @@ def main():
     dev, enc, the_task, model, decode_fn = open_stage(
         task, policy, tokenizer, data_dir, device, compile, seed, reference,
         samples=(n_train_prompts + n_heldout_prompts) * samples_per_prompt, config=config)
-    os.makedirs(out_dir, exist_ok=True)
+    hold_out_dir(out_dir)  # one run per folder
     t_start = time.time()
 
     # 1. the pools

@@ -23,7 +23,7 @@ import configurator
 from rlhf.common import make_batch, open_stage, save_policy, train_step
 from tasks.common import gold_of
 from tasks.instruct import KINDS
-from utils import MetricsLog, atomic_write, cosine_lr, fail, set_lr
+from utils import MetricsLog, atomic_write, cosine_lr, fail, hold_out_dir, set_lr
 
 # -----------------------------------------------------------------------------
 task = "story"  # story or instruct (the tasks package)
@@ -77,7 +77,7 @@ def main():
     print(f"SFT on {len(keep)} of {len(first)} training stories (top {top_fraction:.0%} by gold: mean gold "
           f"{kept_gold:.3f}, all {sum(golds) / len(golds):.3f}; {time.time() - t_start:.0f} s), {max_iters} "
           f"iterations of {batch_size}")
-    os.makedirs(out_dir, exist_ok=True)
+    hold_out_dir(out_dir)  # one run per folder
     with atomic_write(os.path.join(out_dir, "sft_data.json"), "w") as f:
         json.dump({"kept": len(keep), "of": len(first), "kept_gold": kept_gold,
                    "all_gold": sum(golds) / len(golds)}, f, indent=1)

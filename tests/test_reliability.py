@@ -249,3 +249,41 @@ def test_non_finite_gradients_stop_training_before_anything_is_saved(data, tmp_p
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: non-finite loss or gradient at iteration") and "last good checkpoint" in last
     assert not (out / "ckpt.pt").exists()  # no NaN weights written
+
+
+def test_one_run_per_folder_and_a_dead_runs_lock_is_taken_over(data, tmp_path):
+    """A second train.py or stage writing into an out_dir that a running process holds is refused in one line
+    naming it; once that process is killed (no chance to clean up), the next run takes its lock over, with a note,
+    and releases it at the end."""
+    root, env = data
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {REPO!r}); "
+                               f"from utils import hold_out_dir; hold_out_dir({str(out)!r}); print('held', flush=True); "
+                               "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = [run([script("train.py"), *MODEL, f"--out_dir={out}", "--max_iters=1"], env=env, check=False),
+                   run(["-m", "rlhf.grpo", "--task=arithmetic", "--policy=stories260K/stories260K.pt",
+                        f"--out_dir={out}", "--max_iters=1", "--device=cpu"], check=False)]
+        for proc in refused:
+            assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-800:]
+            last = proc.stderr.strip().splitlines()[-1]
+            assert last.startswith(f"error: {out} is in use by process {holder.pid} ("), last
+        assert sorted(os.listdir(out)) == [utils.LOCK_NAME]  # neither wrote anything
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / utils.LOCK_NAME).exists()  # left behind by the killed process
+    proc = run([script("train.py"), *MODEL, f"--out_dir={out}", "--max_iters=2", "--eval_interval=2",
+                "--always_save_checkpoint=True"], env=env)
+    assert f"{out} was held by process {holder.pid}, which is no longer running; taking it over" in proc.stdout
+    assert (out / "ckpt.pt").exists() and not (out / utils.LOCK_NAME).exists()  # released at the end
+
+
+def test_a_half_written_lock_counts_as_left_by_a_dead_process(tmp_path, capsys):
+    (tmp_path / utils.LOCK_NAME).write_text('{"pid": 12')  # a process killed while writing it
+    assert utils.hold_out_dir(str(tmp_path)) == str(tmp_path / utils.LOCK_NAME)
+    assert "which is no longer running; taking it over" in capsys.readouterr().out
+    assert utils.hold_out_dir(str(tmp_path))  # the same process again: its own lock
+    utils._release_lock(str(tmp_path / utils.LOCK_NAME), os.getpid())
+    assert not (tmp_path / utils.LOCK_NAME).exists()
