@@ -14,7 +14,7 @@ from dataclasses import asdict
 import torch
 
 from model import ModelArgs, Transformer, TransformerWithValueHead
-from utils import atomic_write
+from utils import atomic_write, fail
 
 
 def model_checkpoint(model, iter_num=0, best_val_loss=0.0, config=None, **extra):
@@ -24,8 +24,15 @@ def model_checkpoint(model, iter_num=0, best_val_loss=0.0, config=None, **extra)
 
 
 def save_checkpoint(obj, path):
-    with atomic_write(path) as f:
-        torch.save(obj, f)
+    """torch.save(obj) to path, atomically. A save that fails (a full disk, a quota, a lost mount) leaves the
+    previous file and ends the run in one line naming the path and the cause."""
+    try:
+        with atomic_write(path) as f:
+            torch.save(obj, f)
+    except OSError as e:  # a write into the file object fails with the OSError itself (ENOSPC: errno 28)
+        cause = e.strerror or str(e)
+        fail(f"could not save {path} ({cause}); the previous file there is intact: free some space, then resume "
+             f"the run (train.py: --init_from=resume)")
 
 
 def load_checkpoint(path, map_location="cpu"):

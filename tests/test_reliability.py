@@ -60,7 +60,7 @@ def test_graceful_stop_and_exact_resume(data, tmp_path):
     assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
 
 
-def test_atomic_write_keeps_the_old_file_when_a_save_fails(tmp_path, monkeypatch):
+def test_atomic_write_keeps_the_old_file_when_a_save_fails(tmp_path, monkeypatch, capsys):
     path = tmp_path / "ckpt.pt"
     checkpoint.save_checkpoint({"v": torch.ones(3)}, str(path))
     good = path.read_bytes()
@@ -69,10 +69,43 @@ def test_atomic_write_keeps_the_old_file_when_a_save_fails(tmp_path, monkeypatch
         raise OSError("disk full (injected between write and replace)")
 
     monkeypatch.setattr(utils.os, "replace", broken_replace)
-    with pytest.raises(OSError, match="injected"):
+    with pytest.raises(SystemExit):
         checkpoint.save_checkpoint({"v": torch.zeros(1000)}, str(path))
+    assert f"error: could not save {path} (disk full (injected" in capsys.readouterr().err
     assert path.read_bytes() == good
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
+
+
+def test_a_full_disk_stops_training_in_one_line_and_the_run_resumes(data, tmp_path):
+    """ENOSPC injected into the second save (torch.save's writes fail as they would on a full disk): the run stops
+    with one line naming the path and the cause, the first checkpoint is intact, no temporary file is left, and
+    once space is free --init_from=resume finishes the run where an uninterrupted one ends, bitwise."""
+    root, env = data
+    args = [*MODEL, "--max_iters=6", "--eval_interval=2", "--always_save_checkpoint=True"]
+    straight = tmp_path / "straight"
+    run([script("train.py"), f"--out_dir={straight}", *args], env=env)
+    out = tmp_path / "full"
+    full_disk = ("import errno, runpy, sys, torch\n"
+                 "real, saves = torch.save, []\n"
+                 "def save(obj, f, *a, **k):\n"
+                 "    saves.append(1)\n"
+                 "    if len(saves) > 1:\n"
+                 "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+                 "    return real(obj, f, *a, **k)\n"
+                 "torch.save = save\n"
+                 f"sys.argv = ['train.py', '--out_dir={out}', *{args!r}]\n"
+                 f"runpy.run_path({script('train.py')!r}, run_name='__main__')\n")
+    proc = run(["-c", full_disk], env=env, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-800:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: could not save {out / 'ckpt.pt'} (No space left on device); the previous file"), last
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 2  # the first save, intact
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.jsonl"]  # no temporary file, no lock left
+    run([script("train.py"), f"--out_dir={out}", *args, "--init_from=resume"], env=env)
+    a = torch.load(straight / "ckpt.pt", weights_only=True)
+    b = torch.load(out / "ckpt.pt", weights_only=True)
+    assert a["iter_num"] == b["iter_num"] == 7
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 class Evil:
