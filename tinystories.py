@@ -213,8 +213,38 @@ def read_meta(vocab_size):
 
 
 def file_sha256(path):
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_meta(vocab_size, meta):
+    with atomic_write(os.path.join(bin_dir(vocab_size), "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def verify_shards(vocab_size):
+    """Before training: every .bin shard is the file pretokenize wrote, with the token count and sha256 recorded
+    in meta.json (a shard cut short by a crash, or overwritten, would otherwise train on garbage). Shards without
+    such a record (made elsewhere, or by an older version) are not checked."""
+    meta = read_meta(vocab_size) or {}
+    recorded = meta.get("shards")
+    if recorded is None:
+        return
+    itemsize = np.dtype(token_dtype(vocab_size)).itemsize
+    redo = f"re-run `python tinystories.py pretokenize{f' --vocab_size={vocab_size}' if vocab_size else ''}`"
+    for shard in sorted(glob.glob(os.path.join(bin_dir(vocab_size), "*.bin"))):
+        record = recorded.get(os.path.basename(shard))
+        if record is None:
+            raise DataError(f"{shard} is not recorded in meta.json: pretokenize did not finish it; {redo}")
+        size = os.path.getsize(shard)
+        if size != record["tokens"] * itemsize:
+            raise DataError(f"{shard} has {size:,} bytes but pretokenize wrote {record['tokens'] * itemsize:,} "
+                            f"({record['tokens']:,} tokens): it was cut short or replaced; {redo}")
+        if file_sha256(shard) != record["sha256"]:
+            raise DataError(f"{shard} is not the file pretokenize wrote (its sha256 differs from meta.json's): {redo}")
 
 
 def token_dtype(vocab_size):
@@ -253,24 +283,30 @@ def pretokenize(vocab_size: int, tokenizer_model=None, num_proc=None, data_dir=N
     cache_dir = os.path.join(DATA_CACHE_DIR, "hf_cache")
     # resumable: shards present under the same tokenizer are complete (each is written atomically);
     # under another tokenizer they are stale and redone
+    # and a shard is recorded (token count, sha256) once written, so training can check it was not cut or replaced
     old = read_meta(vocab_size)
     same_tokenizer = old is not None and old["tokenizer_sha256"] == model_sha
-    with atomic_write(os.path.join(out_dir, "meta.json"), "w") as f:  # which tokenizer makes these shards
-        json.dump({"tokenizer": os.path.abspath(model_path), "tokenizer_sha256": model_sha,
-                   "vocab_size": enc.n_words}, f, indent=2)
+    meta = {"tokenizer": os.path.abspath(model_path), "tokenizer_sha256": model_sha, "vocab_size": enc.n_words,
+            "shards": dict(old.get("shards", {})) if same_tokenizer else {}}
+    write_meta(vocab_size, meta)  # which tokenizer makes these shards
     total = skipped = 0
     for shard in tqdm(shards, desc="pretokenize"):
-        out = os.path.join(out_dir, os.path.basename(shard).replace(".json", ".bin"))
-        if same_tokenizer and os.path.exists(out):
+        name = os.path.basename(shard).replace(".json", ".bin")
+        out = os.path.join(out_dir, name)
+        record = meta["shards"].get(name)
+        if record and os.path.exists(out) and os.path.getsize(out) == record["tokens"] * np.dtype(dtype).itemsize:
             skipped += 1
-            total += os.path.getsize(out) // np.dtype(dtype).itemsize
+            total += record["tokens"]
             continue
         ds = load_dataset("json", data_files=shard, split="train", cache_dir=cache_dir)
         ds = ds.map(_encode_batch, batched=True, batch_size=256, num_proc=min(num_proc, max(1, len(ds) // 256)),
                     remove_columns=ds.column_names, fn_kwargs={"model_path": model_path, "model_sha": model_sha})
         tokens = pc.list_flatten(ds.data.column("ids")).to_numpy().astype(dtype)
+        data = tokens.tobytes()
         with atomic_write(out) as f:
-            f.write(tokens.tobytes())
+            f.write(data)
+        meta["shards"][name] = {"tokens": len(tokens), "sha256": hashlib.sha256(data).hexdigest()}
+        write_meta(vocab_size, meta)
         total += len(tokens)
         tqdm.write(f"{out}: {len(ds)} stories, {len(tokens):,} tokens ({len(tokens) / max(1, len(ds)):.0f} per story)")
     if skipped:

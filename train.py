@@ -34,7 +34,7 @@ import configurator
 from checkpoint import load_checkpoint, load_model_state, model_args_from_checkpoint, model_checkpoint, save_checkpoint
 from export import FormatError, load_model
 from model import ModelArgs, Transformer, TransformerWithValueHead
-from tinystories import BatchStream, DataError, Task, file_sha256, read_meta
+from tinystories import BatchStream, DataError, Task, file_sha256, read_meta, verify_shards
 from tokenizer import find_tokenizer, load_tokenizer
 from report import plot_ppo_metrics
 from utils import (DTYPES, MetricsLog, cosine_lr, fail, hold_out_dir, pick_device, pick_dtype, set_lr,
@@ -302,6 +302,7 @@ data_position = 0
 if resume_state:  # (checkpoints before BatchStream recorded the position as train_batches)
     data_position = resume_state["data"]["position"] if "data" in resume_state else resume_state["train_batches"]
 try:
+    verify_shards(data_vocab)  # a shard cut short or overwritten is named here, before any training
     train_stream = BatchStream(start=data_position, split="train", seed=seed, **batch_args)
 except DataError as e:
     fail(e)

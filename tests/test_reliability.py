@@ -193,6 +193,59 @@ def test_pretokenize_skips_complete_shards_and_redoes_missing_ones(data, tmp_pat
     assert after[bins[1].name][1] == before[bins[1].name][1]  # redone, same tokens
 
 
+def test_a_cut_or_overwritten_shard_is_named_before_training(data, tmp_path):
+    root, _ = data
+    data_dir = tmp_path / "data"
+    shutil.copytree(root / "data", data_dir)
+    env = {"DATA_CACHE_DIR": str(data_dir)}
+    bins = sorted((data_dir / "tok300").glob("*.bin"))
+    good = bins[1].read_bytes()
+    train = [script("train.py"), *MODEL, f"--out_dir={tmp_path / 'out'}", "--max_iters=1"]
+    for damage, message in [(good[: len(good) // 2], f"{bins[1]} has {len(good) // 2:,} bytes but pretokenize "
+                                                     f"wrote {len(good):,} ({len(good) // 2:,} tokens): it was cut "
+                                                     "short or replaced"),
+                            (bytes(len(good)), f"{bins[1]} is not the file pretokenize wrote")]:
+        bins[1].write_bytes(damage)
+        proc = run(train, env=env, check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-800:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: {message}") and last.endswith("pretokenize --vocab_size=300`"), last
+    bins[1].write_bytes(good)
+    run(train, env=env)
+
+
+def test_pretokenize_killed_midway_completes_when_run_again(data, tmp_path):
+    """pretokenize dies (os._exit, as under kill -9) halfway through writing its second shard: the run again
+    skips the recorded first shard, redoes the rest, and training accepts the shards, identical to a clean run's."""
+    root, _ = data
+    data_dir = tmp_path / "data"
+    shutil.copytree(root / "data", data_dir)
+    env = {"DATA_CACHE_DIR": str(data_dir)}
+    clean = {p.name: p.read_bytes() for p in (data_dir / "tok300").glob("*.bin")}
+    shutil.rmtree(data_dir / "tok300")
+    dies = ("import os, runpy, sys, contextlib, utils\n"
+            "real, calls = utils.atomic_write, []\n"
+            "@contextlib.contextmanager\n"
+            "def dying_write(path, mode='wb'):\n"
+            "    calls.append(path)\n"
+            "    if path.endswith('data01.bin'):\n"
+            "        with real(path, mode) as f:\n"
+            "            f.write(b'half a shard')\n"
+            "            os._exit(137)\n"
+            "    with real(path, mode) as f:\n"
+            "        yield f\n"
+            "utils.atomic_write = dying_write  # what tinystories.py imports\n"
+            "sys.argv = ['tinystories.py', 'pretokenize', '--vocab_size=300']\n"
+            f"runpy.run_path({script('tinystories.py')!r}, run_name='__main__')\n")
+    proc = run(["-c", dies], env=env, check=False)
+    assert proc.returncode == 137
+    assert sorted(p.name for p in (data_dir / "tok300").glob("*.bin")) == ["data00.bin"]  # the second never landed
+    proc = run([script("tinystories.py"), "pretokenize", "--vocab_size=300"], env=env)
+    assert "skipped 1 shards" in proc.stdout
+    assert {p.name: p.read_bytes() for p in (data_dir / "tok300").glob("*.bin")} == clean
+    run([script("train.py"), *MODEL, f"--out_dir={tmp_path / 'out'}", "--max_iters=1"], env=env)
+
+
 # --- bad input: one line, non-zero exit, no traceback, nothing in out_dir changed --------------------
 
 def tree_hash(folder):
