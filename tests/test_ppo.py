@@ -349,7 +349,7 @@ def test_reference_nll_and_rollout_metrics_by_hand():
 
     # ppo_iteration: two rollouts end with the stop token (2), two run out of budget
     trainer = make_trainer(PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1))
-    canned = [[5, 6, 5, 6, 5, 2], [7, 8, 9], [4, 2], [3, 3, 3, 3]]
+    canned = [[5, 6, 5, 6, 5, 2], [7, 8, 9], [4, 2], [3, 3, 3, 3, 3, 3, 3]]
     import ppo as ppo_module
     real = ppo_module.generate_withcache
     ppo_module.generate_withcache = lambda *a, **k: [list(r) for r in canned]
@@ -359,11 +359,13 @@ def test_reference_nll_and_rollout_metrics_by_hand():
                               max_gen_len=4, stop_id=2)
     finally:
         ppo_module.generate_withcache = real
-    assert lengths == [6, 4, 3, 5]  # query + response, the end token not counted
-    assert stats["ended_frac"] == 0.5 and stats["length_mean"] == 4.5 and stats["length_median"] == 4.5
-    assert stats["length_std"] == pytest.approx(math.sqrt(((6 - 4.5) ** 2 + 0.25 + 1.5 ** 2 + 0.25) / 3))
-    # stories [1,5,6,5,6,5] (3-grams 156 565 656 565: one repeat of 4), [1,7,8,9] (0), [1,4,4] (0), [1,3,3,3,3] (1 of 3)
-    assert stats["rep3_rate"] == pytest.approx((1 / 4 + 0 + 0 + 1 / 3) / 4)
+    assert lengths == [6, 4, 3, 8]  # query + response, the end token not counted
+    # a median apart from the mean: a swap of the two would show
+    assert stats["ended_frac"] == 0.5 and stats["length_mean"] == 5.25 and stats["length_median"] == 5.0
+    assert stats["length_std"] == pytest.approx(math.sqrt((0.75 ** 2 + 1.25 ** 2 + 2.25 ** 2 + 2.75 ** 2) / 3))
+    # stories [1,5,6,5,6,5] (3-grams 156 565 656 565: one repeat of 4), [1,7,8,9] (0), [1,4,4] (0),
+    # [1,3,3,3,3,3,3,3] (133 and five 333: four repeats of 6)
+    assert stats["rep3_rate"] == pytest.approx((1 / 4 + 0 + 0 + 4 / 6) / 4)
 
 
 def test_adaptive_kl_controller_moves_both_ways():
@@ -687,7 +689,7 @@ def run_length_ppo(reference_state, seed, iterations=40, target=14, peak_lr=2e-3
                                   stop_id=2)
             lengths.append(stats["length_mean"])
             betas.append(stats["objective/kl_coef"])
-            lrs.append(lr)
+            lrs.append(stats["ppo/learning_rate"])  # the rate the step ran with, as the run logs it
     finally:
         torch.set_num_threads(threads)
     return lengths, betas, lrs
@@ -714,12 +716,15 @@ def test_ppo_reaches_a_target_length_and_holds_it_by_control(length_reference, s
 
 
 def test_ppo_length_leaves_the_band_when_the_kl_pulls_the_stop_decision(length_reference):
-    """The contrast that shows the test above can fail: the same run with the KL also on the decision to stop
-    (kl_on_stop=True) and a strong fixed beta (2.0) is pulled towards the reference's longer stories and sits above
-    14 + 1 (docs/ppo-length.md, "Holding the band": the pull on the stop decisions made the length creep up)."""
-    lengths, _, _ = run_length_ppo(length_reference, 0, kl_on_stop=True, adap_kl_ctrl=False, init_kl_coef=2.0,
-                                   kl_coef_min=0.0, kl_coef_max=None)
-    assert sum(lengths[-20:]) / 20 > 15, lengths
+    """The contrast that shows the test above can fail, one setting changed: with a strong fixed beta (2.0) the
+    recipe, whose KL leaves the decision to stop alone, still holds 14 +- 1; the same run with the KL also on the
+    stop decisions (kl_on_stop=True) is pulled towards the reference's longer stories and sits above 14 + 1
+    (docs/ppo-length.md, "Holding the band": the pull on the stop decisions made the length creep up)."""
+    strong = dict(adap_kl_ctrl=False, init_kl_coef=2.0, kl_coef_min=0.0, kl_coef_max=None)
+    held, _, _ = run_length_ppo(length_reference, 0, kl_on_stop=False, **strong)
+    pulled, _, _ = run_length_ppo(length_reference, 0, kl_on_stop=True, **strong)
+    assert abs(sum(held[-20:]) / 20 - 14) <= 1, held
+    assert sum(pulled[-20:]) / 20 > 15, pulled
 
 
 # --- train.py --ppo=True, single process and torchrun ----------------------------------------------
