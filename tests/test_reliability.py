@@ -178,11 +178,15 @@ def test_unreachable_url_is_a_clear_error(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_pretokenize_skips_complete_shards_and_redoes_missing_ones(data, tmp_path):
-    root, _ = data
+def copy_of_the_data(data, tmp_path):
+    """(data folder, env): a copy of the session's corpus, tokenizer and shards that a test may damage."""
     data_dir = tmp_path / "data"
-    shutil.copytree(root / "data", data_dir)
-    env = {"DATA_CACHE_DIR": str(data_dir)}
+    shutil.copytree(data[0] / "data", data_dir)
+    return data_dir, {"DATA_CACHE_DIR": str(data_dir)}
+
+
+def test_pretokenize_skips_complete_shards_and_redoes_missing_ones(data, tmp_path):
+    data_dir, env = copy_of_the_data(data, tmp_path)
     bins = sorted((data_dir / "tok300").glob("*.bin"))
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in bins}
     bins[1].unlink()
@@ -194,10 +198,7 @@ def test_pretokenize_skips_complete_shards_and_redoes_missing_ones(data, tmp_pat
 
 
 def test_a_cut_or_overwritten_shard_is_named_before_training(data, tmp_path):
-    root, _ = data
-    data_dir = tmp_path / "data"
-    shutil.copytree(root / "data", data_dir)
-    env = {"DATA_CACHE_DIR": str(data_dir)}
+    data_dir, env = copy_of_the_data(data, tmp_path)
     bins = sorted((data_dir / "tok300").glob("*.bin"))
     good = bins[1].read_bytes()
     train = [script("train.py"), *MODEL, f"--out_dir={tmp_path / 'out'}", "--max_iters=1"]
@@ -217,10 +218,7 @@ def test_a_cut_or_overwritten_shard_is_named_before_training(data, tmp_path):
 def test_pretokenize_killed_midway_completes_when_run_again(data, tmp_path):
     """pretokenize dies (os._exit, as under kill -9) halfway through writing its second shard: the run again
     skips the recorded first shard, redoes the rest, and training accepts the shards, identical to a clean run's."""
-    root, _ = data
-    data_dir = tmp_path / "data"
-    shutil.copytree(root / "data", data_dir)
-    env = {"DATA_CACHE_DIR": str(data_dir)}
+    data_dir, env = copy_of_the_data(data, tmp_path)
     clean = {p.name: p.read_bytes() for p in (data_dir / "tok300").glob("*.bin")}
     shutil.rmtree(data_dir / "tok300")
     dies = ("import os, runpy, sys, contextlib, utils\n"
