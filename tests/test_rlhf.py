@@ -408,9 +408,17 @@ def test_every_stage_runs_tiny_and_seeded(tmp_path):
     run([*stage("dpo"), f"--policy={sft}", f"--pairs={out / 'rm' / 'pool_train.jsonl'}",
          f"--out_dir={out / 'dpo'}", "--batch_size=2", "--epochs=1"], env=env)
     rmp = str(out / "rm" / "rm.pt")
-    run([*stage("grpo"), *common, f"--policy={sft}", f"--reward={rmp}", f"--out_dir={out / 'grpo'}",
-         "--prompts_per_iter=2", "--group_size=2", "--max_iters=2", "--mini_batch_size=2", "--save_interval=1"], env=env)
+    grpo = [*stage("grpo"), *common, f"--policy={sft}", f"--reward={rmp}", "--prompts_per_iter=2", "--group_size=2",
+            "--max_iters=2", "--mini_batch_size=2", "--save_interval=1"]
+    run([*grpo, f"--out_dir={out / 'grpo'}"], env=env)
     assert (out / "grpo" / "ckpt_1.pt").exists() and (out / "grpo" / "ckpt.pt").exists()
+    # seeded: the same stage run again is the same run, bit for bit (every logged number but the times, the weights)
+    run([*grpo, f"--out_dir={out / 'grpo_again'}"], env=env)
+    first, again = ([{k: v for k, v in json.loads(x).items() if k not in ("rollout_s", "time_s")}
+                     for x in open(out / d / "metrics.jsonl")] for d in ("grpo", "grpo_again"))
+    assert first == again and len(first) == 2
+    a, b = (torch.load(out / d / "ckpt.pt", weights_only=True)["model"] for d in ("grpo", "grpo_again"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     run([*stage("ppo_rlhf"), *common, f"--policy={sft}", f"--reward={rmp}", f"--out_dir={out / 'ppo'}",
          "--rollouts=4", "--mini_batch_size=2", "--max_iters=2"], env=env)
     rows = [json.loads(x) for x in open(out / "ppo" / "metrics.jsonl")]
