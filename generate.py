@@ -142,12 +142,15 @@ STOP_CHECK_EVERY = 8  # decode steps between the checks of whether all rows are 
 ATTEND_BUCKET = 64  # a decode step reads the cache up to the furthest row's position, rounded up to this
 
 
-def all_rows_done(out, stop_ids, limit):
-    """out (B, s): the tokens so far. True when every row has emitted a stop id or used its budget."""
+COMPACT_AT = 0.75  # eager decoding drops the finished rows once at most this fraction of the batch is live
+
+
+def rows_done(out, stop_ids, limit):
+    """out (B, s): the tokens so far. (B,) True where a row has emitted a stop id or used its budget."""
     done = limit <= out.size(1)
     if stop_ids is not None:
         done |= torch.isin(out, stop_ids).any(1)
-    return bool(done.all())
+    return done
 
 
 @torch.inference_mode()
@@ -166,7 +169,9 @@ def generate_withcache(model, prompt_tokens: List[List[int]], max_gen_len: int, 
     decode_fn: optional replacement for decode_tokens(model, ...), e.g. compile_decode(model).
     tokens_per_call: decode steps per decode_fn call (the same tokens for any value; a compiled decode_fn
     compiles once per value). Sampling draws one uniform per row and token from generator (default: torch's
-    global generator), so a seed gives the same stories eager or compiled."""
+    global generator), so a seed gives the same stories eager or compiled. Eager decoding (no decode_fn) drops the
+    rows that finished from the batch as it goes, each row keeping its own uniforms: the same stories, fewer steps'
+    work when lengths vary (a compiled step is compiled for one batch size, so it keeps them all)."""
     check_sampling_args(temperature, top_k, top_p)
     if max_gen_len < 1:
         raise ValueError(f"max_gen_len must be >= 1, got {max_gen_len}")
@@ -211,23 +216,40 @@ def generate_withcache(model, prompt_tokens: List[List[int]], max_gen_len: int, 
     # the token fed next; one tensor for the whole loop, so every decode call sees the same strides
     next_token = sample_top_k_top_p(logits, top_k, top_p, temperature, uniform=uniforms(1)[:, 0]).contiguous()
     out[:, :1] = next_token
+    rows = None  # the rows still in the batch, once eager decoding has dropped finished ones (None: all B)
     with contextlib.ExitStack() as stack:
         for s in range(1, steps, K):  # s: new tokens so far
-            # finished rows keep decoding harmlessly in place (their output is cut below)
+            # finished rows keep decoding harmlessly in place until dropped (their output is cut below)
             attend = min(cache_len, ATTEND_BUCKET * math.ceil((longest + s - 1 + K) / ATTEND_BUCKET))
             if positions is None or positions.size(0) != attend:
                 positions = all_positions[:attend]
                 if decode_fn is not None and attend > 1:  # dynamo specialises lengths 0 and 1 anyway
                     torch._dynamo.mark_dynamic(positions, 0)
-            new_tokens = decode(next_token, lens_t + s - 1, uniforms(K), temperature, top_k, top_p, positions)
-            out[:, s: s + K] = new_tokens
+            u = uniforms(K)
+            new_tokens = decode(next_token, lens_t + s - 1, u if rows is None else u[rows], temperature, top_k, top_p,
+                                positions)
+            if rows is None:
+                out[:, s: s + K] = new_tokens
+            else:
+                out[rows, s: s + K] = new_tokens
             next_token.copy_(new_tokens[:, -1:])
             if s == 1 and decode_fn is not None and CAN_SKIP_GUARDS:
                 # dynamo checked its guards on this first call; the later calls pass tensors of the
                 # same shapes to the same model, so re-checking dozens of guards per call is pure overhead
                 stack.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
-            if (s + K) // STOP_CHECK_EVERY > s // STOP_CHECK_EVERY and all_rows_done(out[:, : s + K], stop_ids, limit):
-                break  # the loop's only host sync
+            if (s + K) // STOP_CHECK_EVERY > s // STOP_CHECK_EVERY:  # the loop's only host syncs
+                live = ~rows_done(out[:, : s + K], stop_ids, limit)
+                if rows is not None:
+                    live = live[rows]
+                n_live = int(live.sum())
+                if n_live == 0:
+                    break
+                if decode_fn is None and n_live <= COMPACT_AT * live.size(0):
+                    keep = live.nonzero()[:, 0]
+                    model.keep_cache_rows(keep)
+                    rows = keep if rows is None else rows[keep]
+                    next_token, lens_t = next_token[keep], lens_t[keep]
+                    longest = max(lens[i] for i in rows.tolist())
 
     result = []
     out = out.tolist()

@@ -322,6 +322,14 @@ class Transformer(nn.Module):
             a.kv_cache = KVCache(max_batch_size, max_seq_len, a.n_kv_heads, a.head_dim, dtype, device)
         self.cache_shape = (max_batch_size, max_seq_len)
 
+    def keep_cache_rows(self, rows):
+        """Keep only the cache rows rows (1-d LongTensor), in that order: a generator drops the rows that finished,
+        so the decode steps left work on the live rows only."""
+        for layer in self.layers:
+            c = layer.attention.kv_cache
+            c.k, c.v = c.k[rows], c.v[rows]
+        self.cache_shape = (rows.numel(), self.cache_shape[1])
+
     def clear_caches(self):
         """Drop the KV cache (its memory), e.g. before copy.deepcopy of a model that has generated."""
         for layer in self.layers:

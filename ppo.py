@@ -316,6 +316,14 @@ class PPOTrainer:
             self.kl_ctl = FixedKLController(config.init_kl_coef)
         self.rng = torch.Generator().manual_seed(config.seed)  # minibatch order
 
+    def state_dict(self):
+        """What steers the next steps beyond the model and optimizer: the KL coefficient and the minibatch order."""
+        return {"kl_coef": self.kl_ctl.value, "rng": self.rng.get_state()}
+
+    def load_state_dict(self, state):
+        self.kl_ctl.value = state["kl_coef"]
+        self.rng.set_state(state["rng"])
+
     def autocast(self):
         if self.autocast_dtype is None or self.autocast_dtype == torch.float32:
             return nullcontext()

@@ -426,10 +426,10 @@ def build_reason_report(folder):
             f"{ood.get('greedy', float('nan')):.3f} | {r.get('train_s') or 0:.0f} |")
     if best:
         lines += ["", f"The best method by pass@1 is **{best}**. " + (
-            f"The base's pass@k reaches its pass@k at k = {k_catch}." if k_catch else
-            f"The base's pass@k stays below its pass@k at every k up to {kmax}.") + (
-            f" The base needs k = {k_match} samples to match its pass@1." if k_match else
-            f" No k up to {kmax} lets the base match its pass@1.")]
+            f"The base's pass@k reaches {best}'s pass@k at k = {k_catch}." if k_catch else
+            f"The base's pass@k stays below {best}'s pass@k at every k up to {kmax}.") + (
+            f" The base needs k = {k_match} samples to match {best}'s pass@1." if k_match else
+            f" No k up to {kmax} lets the base match {best}'s pass@1.")]
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |" for t in targets_]
     with atomic_write(os.path.join(folder, "report.md"), "w") as f:

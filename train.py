@@ -110,6 +110,7 @@ early_stop_kl = 1.0  # stop an iteration's PPO epochs once the policy KL exceeds
 vf_coef = 0.1
 value_baseline = True  # False: no critic, each story's return whitened over the batch is every token's advantage
 pg_on_content = True  # False: the policy gradient trains only the decision to stop (ppo.PPOConfig)
+resume_every = 60  # PPO: seconds between saves of where the run is (ppo_last.pt; 0: every iteration)
 cliprange = 0.2
 cliprange_value = 0.2
 gamma = 1.0
@@ -190,6 +191,7 @@ if ppo:  # every PPO setting is checked here, before anything is loaded
 if master_process:
     hold_out_dir(out_dir)  # one run per folder
 torch.manual_seed(seed + seed_offset)
+random.seed(seed + seed_offset)  # nothing draws from it today; a checkpoint's copy of it is then reproducible too
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 device_type = "cuda" if "cuda" in device else "cpu"  # for torch.autocast
@@ -209,7 +211,7 @@ model_args = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_h
                   multiple_of=multiple_of, max_seq_len=max_seq_len, dropout=dropout)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 ppo_ckpt_path = os.path.join(out_dir, "ppo_ckpt.pt")  # the PPO policy with the best mean reward
-ppo_last_path = os.path.join(out_dir, "ppo_last.pt")  # where a stopped PPO run left off (never overwrites the best)
+ppo_last_path = os.path.join(out_dir, "ppo_last.pt")  # where a PPO run is (saved as it goes; never the best's file)
 if init_from == "resume":
     ppo_saved = [p for p in (ppo_ckpt_path, ppo_last_path) if ppo and os.path.exists(p)]
     resume_path = max(ppo_saved, key=os.path.getmtime) if ppo_saved else ckpt_path  # the newer one
@@ -352,6 +354,8 @@ if ppo:
     ppo_start_iter = iter_num  # the learning-rate schedule of a PPO run counts its own iterations
     if ppo_state is not None:
         ppo_trainer.kl_ctl.value = ppo_state["kl_coef"]
+        if "trainer" in ppo_state:  # the minibatch order too (checkpoints before it had only the KL coefficient)
+            ppo_trainer.load_state_dict(ppo_state["trainer"])
         query_length.load_state_dict(ppo_state["query_length"])
         ppo_start_iter = ppo_state.get("start_iter", ppo_start_iter)
     reward_fn = LengthReward(target_len)
@@ -511,13 +515,18 @@ def pretrain_loop(iter_num, best_val_loss):
 
 def ppo_loop(iter_num, best_reward):
     """PPO iterations iter_num..max_iters: queries from the training stories, then ppo_iteration (rollouts,
-    rewards, one PPO step). Keeps the policy with the best mean reward per evaluation interval."""
-    start_iter, rewards_since_eval = iter_num, []
-    t0 = t_start = time.time()
+    rewards, one PPO step). Keeps the policy with the best mean reward per evaluation interval (ppo_ckpt.pt), and
+    where the run is every resume_every seconds (ppo_last.pt): a killed run resumes from there, bitwise."""
+    start_iter = iter_num
+    rewards_since_eval = list(ppo_state.get("rewards_since_eval", [])) if ppo_state else []
+    # the lines in metrics.jsonl before this PPO run (the pre-training's): a resume never cuts them
+    metrics_start = ppo_state.get("metrics_start", 0) if ppo_state else metrics.lines() if metrics else 0
+    t0 = t_start = saved_at = time.time()
 
     def ppo_extra():
-        state = {"kl_coef": ppo_trainer.kl_ctl.value, "query_length": query_length.state_dict(),
-                 "start_iter": ppo_start_iter, "in_band": in_band}
+        state = {"kl_coef": ppo_trainer.kl_ctl.value, "trainer": ppo_trainer.state_dict(),
+                 "query_length": query_length.state_dict(), "start_iter": ppo_start_iter, "in_band": in_band,
+                 "rewards_since_eval": rewards_since_eval, "metrics_start": metrics_start}
         return {"best_reward": best_reward, "ppo_state": state}
 
     def on_length(length_mean):  # the rollouts' mean length, before their step
@@ -534,7 +543,9 @@ def ppo_loop(iter_num, best_reward):
         lr = set_lr(optimizer, get_lr(iter_num))
 
         # evaluate (the language-model loss, to watch forgetting), keep the best-reward policy
-        if (iter_num % eval_interval == 0 or iter_num > max_iters) and master_process and (iter_num > start_iter or eval_only):
+        # (not at the PPO run's first iteration: that is the pre-trained model, already evaluated)
+        if (iter_num % eval_interval == 0 or iter_num > max_iters) and master_process and \
+                (iter_num > ppo_start_iter or eval_only):
             losses = estimate_loss()
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             metrics.write(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
@@ -545,6 +556,8 @@ def ppo_loop(iter_num, best_reward):
                     best_reward = max(best_reward, reward)
                     save(ppo_ckpt_path, iter_num, best_val_loss, **ppo_extra())
         if eval_only or iter_num > max_iters:
+            if master_process and not eval_only:  # the end of the run: --init_from=resume --max_iters=more goes on
+                save(ppo_last_path, iter_num, best_val_loss, **ppo_extra())
             break
 
         if hold_rollouts and in_band:
@@ -581,6 +594,9 @@ def ppo_loop(iter_num, best_reward):
                 save(ppo_last_path, iter_num, best_val_loss, **ppo_extra())
                 stop.report(iter_num)
             break
+        if master_process and iter_num <= max_iters and time.time() - saved_at >= resume_every:
+            save(ppo_last_path, iter_num, best_val_loss, **ppo_extra())
+            saved_at = time.time()
 
     if master_process and plot_ppo_metrics(metrics.path, os.path.join(out_dir, "ppo_curve.png"), target_len):
         print(f"plotted the PPO curves to {os.path.join(out_dir, 'ppo_curve.png')}")
@@ -588,6 +604,8 @@ def ppo_loop(iter_num, best_reward):
 
 # -----------------------------------------------------------------------------
 metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl")) if master_process else None
+if metrics is not None and resume_state:  # the lines of iterations after the checkpoint are from a run cut short
+    metrics.cut_back(iter_num, keep_first=ppo_state.get("metrics_start", 0) if ppo_state else 0)
 stop = GracefulStop()
 if resume_state:
     restore_rng(resume_state["rng"])

@@ -107,6 +107,29 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
+    def lines(self):
+        if not os.path.exists(self.path):
+            return 0
+        with open(self.path) as f:
+            return sum(1 for _ in f)
+
+    def cut_back(self, iter_num, keep_first=0):
+        """Keep the first keep_first lines (an earlier run's, e.g. the pre-training before a PPO run in the same
+        folder), then only the lines of iterations before iter_num: a run resumed there logs the rest again. A line
+        cut short by a kill is dropped too."""
+        if not os.path.exists(self.path):
+            return
+        keep = []
+        with open(self.path) as f:
+            for n, line in enumerate(f):
+                try:
+                    if n < keep_first or json.loads(line).get("iter", -1) < iter_num:
+                        keep.append(line if line.endswith("\n") else line + "\n")
+                except json.JSONDecodeError:
+                    pass
+        with atomic_write(self.path, "w") as f:
+            f.writelines(keep)
+
 
 def read_jsonl(path):
     """The objects of a JSON Lines file, one per non-blank line; a malformed line is named by file and line."""

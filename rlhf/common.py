@@ -79,6 +79,7 @@ def open_stage(task, policy, tokenizer="", data_dir="", device="auto", compile="
     decode_calls = -(-samples // batch_size) * the_task.max_gen_len
     decode_fn = compile_decode(model) if should_compile(compile, dev, "decode", decode_calls) else None
     torch.manual_seed(seed)
+    random.seed(seed)
     return dev, enc, the_task, model, decode_fn
 
 
@@ -182,21 +183,83 @@ def save_rl_checkpoint(model, out_dir, it, max_iters, save_interval, **extra):
 
 
 class RunLog:
-    """An RL stage's iterations 1..max_iters: out_dir/metrics.jsonl, a log line with the ETA per iteration, and the
-    checkpoints (save_rl_checkpoint, with `extra` in each)."""
+    """An RL stage's iterations 1..max_iters: out_dir/metrics.jsonl, a log line with the ETA per iteration, the
+    checkpoints (save_rl_checkpoint, with `extra` in each), and where the run is (a RunState: a killed run continues
+    from first_iteration())."""
 
-    def __init__(self, out_dir, max_iters, save_interval, **extra):
+    def __init__(self, out_dir, max_iters, save_interval, state, **extra):
         self.out_dir, self.max_iters, self.save_interval, self.extra = out_dir, max_iters, save_interval, extra
         self.metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
+        self.state, self.first = state, 1
         self.t_start = time.time()
+
+    def first_iteration(self):
+        """1, or where an unfinished run in out_dir stopped (its state restored)."""
+        self.first = self.state.restore(self.metrics) or 1
+        return self.first
 
     def end_iteration(self, model, it, row, line):
         self.metrics.write(**row)
-        eta = (time.time() - self.t_start) / it * (self.max_iters - it)
+        eta = (time.time() - self.t_start) / (it + 1 - self.first) * (self.max_iters - it)
         print(f"{line} | eta {eta / 60:.1f} min")
         path = save_rl_checkpoint(model, self.out_dir, it, self.max_iters, self.save_interval, **self.extra)
-        if it == self.max_iters:
+        if it < self.max_iters:
+            self.state.save(it + 1)
+        else:
+            self.state.finish()
             print(f"saved {path} ({time.time() - self.t_start:.0f} s)")
+
+
+class RunState:
+    """Where a stage's run is, so that a killed run continues instead of starting over: out_dir/state.pt, written
+    atomically at the end of an iteration at most every `every` seconds (0: every iteration), with the next
+    iteration, the random generators and the state_dict of each part (model, optimizer, prompt stream, trainer).
+    The stage run again in that out_dir with the same settings continues from it (restore), bitwise as if never
+    stopped, its metrics.jsonl cut back to match; finish() removes it once the stage has written its result."""
+    IGNORED = ("device", "compile", "resume_every")  # settings that may change between a run and its continuation
+
+    def __init__(self, out_dir, config, every, **parts):
+        self.path, self.config, self.every, self.parts = os.path.join(out_dir, "state.pt"), config, every, parts
+        self.saved_at = time.time()
+
+    def restore(self, metrics=None):
+        """Load the saved state into the parts; returns the iteration to continue from (None: nothing saved, a run
+        from the start, whose metrics replace those of any earlier run in out_dir)."""
+        if not os.path.exists(self.path):
+            if metrics is not None:
+                metrics.cut_back(0)
+            return None
+        try:
+            state = load_checkpoint(self.path)
+        except ValueError as e:
+            fail(f"{e}; delete {self.path} to start the stage over")
+        differ = [k for k, v in self.config.items() if k not in self.IGNORED and state["config"].get(k) != v]
+        if differ:
+            k = differ[0]
+            fail(f"{self.path} is an unfinished run with other settings ({k}={state['config'].get(k)!r} there, "
+                 f"{self.config[k]!r} now): run it with those to continue it, or delete {self.path} to start over")
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+        torch.set_rng_state(state["rng"]["torch"])
+        version, internal, gauss = state["rng"]["python"]
+        random.setstate((version, tuple(internal), gauss))
+        if metrics is not None:
+            metrics.cut_back(state["iter"])
+        print(f"continuing the unfinished run in {os.path.dirname(self.path)} from iteration {state['iter']}")
+        return state["iter"]
+
+    def save(self, next_iter, force=False):
+        """At the end of an iteration: save if `every` seconds have passed since the last save (or force)."""
+        if not force and time.time() - self.saved_at < self.every:
+            return
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        save_checkpoint({"iter": next_iter, "config": self.config, "rng": rng,
+                         **{name: part.state_dict() for name, part in self.parts.items()}}, self.path)
+        self.saved_at = time.time()
+
+    def finish(self):
+        if os.path.exists(self.path):
+            os.remove(self.path)
 
 
 def train_step(model, optimizer, loss, grad_clip):

@@ -16,8 +16,9 @@ import time
 import torch
 
 import configurator
-from rlhf.common import (TASKS, dpo_loss, load_frozen, load_policy, make_batch, open_tokenizer, preference_pairs,
-                         response_logprobs, save_policy, sequence_logprobs, shuffled_batches, train_step)
+from rlhf.common import (TASKS, RunState, dpo_loss, load_frozen, load_policy, make_batch, open_tokenizer,
+                         preference_pairs, response_logprobs, save_policy, sequence_logprobs, shuffled_batches,
+                         train_step)
 from utils import MetricsLog, cosine_lr, fail, hold_out_dir, pick_device, read_jsonl, set_lr
 
 # -----------------------------------------------------------------------------
@@ -36,6 +37,7 @@ warmup_iters = 5
 grad_clip = 1.0
 device = "auto"
 seed = 1337
+resume_every = 60  # save where the run is (out_dir/state.pt) every this many seconds; 0: every iteration
 # -----------------------------------------------------------------------------
 config = configurator.configure(globals(), sys.argv[1:], positive=("beta", "batch_size", "epochs"))
 
@@ -67,9 +69,13 @@ def main():
     metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
     optimizer = model.configure_optimizers(0.0, learning_rate, (0.9, 0.95), dev.split(":")[0])
     steps = epochs * (len(chosen_rejected) // batch_size)
+    state = RunState(out_dir, config, resume_every, model=model, optimizer=optimizer)
+    start = state.restore(metrics) or 0
     model.train()
     t0 = time.time()
     for it, batch in shuffled_batches(chosen_rejected, batch_size, epochs, seed):
+        if it < start:  # a stopped run's steps
+            continue
         lr = set_lr(optimizer, cosine_lr(it, learning_rate, min_lr, warmup_iters, steps))
         idx = [c for c, _ in batch] + [r for _, r in batch]
         inputs, targets, _ = make_batch([prompts[j] for j in idx], [responses[j] for j in idx], dev)
@@ -82,14 +88,16 @@ def main():
         if it % 10 == 0:
             margin = (chosen_reward - rejected_reward).mean().item()
             acc = (chosen_reward > rejected_reward).float().mean().item()
-            eta = (time.time() - t0) / (it + 1) * (steps - it - 1)
+            eta = (time.time() - t0) / (it + 1 - start) * (steps - it - 1)
             print(f"{it}/{steps} | loss {loss.item():.4f} | margin {margin:.3f} | acc {acc:.2f} | "
                   f"logp chosen {lp[:n].mean().item():.1f} rejected {lp[n:].mean().item():.1f} | eta {eta / 60:.1f} min")
             metrics.write(iter=it, loss=loss.item(), margin=margin, reward_acc=acc, lr=lr,
                           logp_chosen=lp[:n].mean().item(), logp_rejected=lp[n:].mean().item(),
                           reward_chosen=chosen_reward.mean().item(), reward_rejected=rejected_reward.mean().item())
+        state.save(it + 1)
     path = os.path.join(out_dir, "ckpt.pt")
     save_policy(model, path, task=task, config=config)
+    state.finish()
     print(f"saved {path} ({time.time() - t_start:.0f} s)")
 
 

@@ -25,8 +25,8 @@ import torch
 
 import configurator
 from ppo import LOSS_AGGREGATIONS, aggregate, clipped_policy_loss, kl_estimate
-from rlhf.common import (PromptStream, RunLog, group_advantages, load_frozen, make_batch, open_reward, open_stage,
-                         response_logprobs, reward_scores, sample_stories, train_step)
+from rlhf.common import (PromptStream, RunLog, RunState, group_advantages, load_frozen, make_batch, open_reward,
+                         open_stage, response_logprobs, reward_scores, sample_stories, train_step)
 from utils import cosine_lr, fail, hold_out_dir, repeated_ngram_rate, set_lr
 
 # -----------------------------------------------------------------------------
@@ -52,6 +52,7 @@ min_lr = 1e-5
 warmup_iters = 2
 grad_clip = 1.0
 save_interval = 0  # also keep ckpt_<iter>.pt every this many iterations (0: only the last)
+resume_every = 60  # save where the run is (out_dir/state.pt) every this many seconds; 0: every iteration
 device = "auto"
 compile = "auto"  # compile the rollouts' decode step
 seed = 1337
@@ -81,8 +82,9 @@ def main():
     prompts_stream = PromptStream(the_task)  # prompts neither SFT nor the reward model's pool used
     print(f"{advantage} on reward {reward}: {max_iters} iterations of {prompts_per_iter} prompts x {group_size} "
           f"stories, beta {beta} ({kl_mode}), loss over {loss_agg}")
-    log = RunLog(out_dir, max_iters, save_interval, task=task, config=config)
-    for it in range(1, max_iters + 1):
+    state = RunState(out_dir, config, resume_every, model=model, optimizer=optimizer, prompts=prompts_stream)
+    log = RunLog(out_dir, max_iters, save_interval, state, task=task, config=config)
+    for it in range(log.first_iteration(), max_iters + 1):
         t0 = time.time()
         batch_ex = prompts_stream.next(prompts_per_iter)
         samples = sample_stories(model, batch_ex, the_task, group_size, seed=seed + it, decode_fn=decode_fn)

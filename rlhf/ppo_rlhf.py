@@ -20,7 +20,8 @@ import torch
 import configurator
 from generate import compile_decode
 from ppo import PPOConfig, PPOTrainer, ppo_iteration
-from rlhf.common import PromptStream, RunLog, load_frozen, load_policy, open_reward, open_stage, reward_scores
+from rlhf.common import (PromptStream, RunLog, RunState, load_frozen, load_policy, open_reward, open_stage,
+                         reward_scores)
 from tasks.common import gold_of
 from utils import cosine_lr, fail, hold_out_dir, set_lr, should_compile
 
@@ -51,6 +52,7 @@ detach_value = True  # the value loss trains the value head only, never the poli
 cliprange = 0.2
 grad_clip = 1.0  # PPOConfig.max_grad_norm (0: no clipping)
 save_interval = 0  # also keep ckpt_<iter>.pt every this many iterations (0: only the last)
+resume_every = 60  # save where the run is (out_dir/state.pt) every this many seconds; 0: every iteration
 device = "auto"
 compile = "auto"  # compile the rollouts' decode step
 seed = 1337  # the value head's initialisation; iteration i samples its rollouts from seed + i
@@ -87,9 +89,10 @@ def main():
     hold_out_dir(out_dir)  # one run per folder
     print(f"PPO on reward {reward}: {max_iters} iterations of {rollouts} rollouts, kl_coef {init_kl_coef} "
           f"({kl_mode})")
-    log = RunLog(out_dir, max_iters, save_interval, task=task, config=config)
+    state = RunState(out_dir, config, resume_every, model=model, optimizer=optimizer, prompts=stream, trainer=trainer)
+    log = RunLog(out_dir, max_iters, save_interval, state, task=task, config=config)
     t_start = log.t_start
-    for it in range(1, max_iters + 1):
+    for it in range(log.first_iteration(), max_iters + 1):
         examples = stream.next(rollouts)
 
         def score_fn(responses, ended):

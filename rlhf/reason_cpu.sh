@@ -6,14 +6,15 @@
 #   -> every method on the same held-out problems (pass@k, greedy, format, lengths, KL, out of distribution)
 #   -> OUT_DIR/report.md, report.json, reason_curves.png, reason_pass_at_k.png, samples_<method>.jsonl
 #
-#   bash rlhf/reason_cpu.sh out/reason          # ~22 minutes on 2 CPU cores
+#   bash rlhf/reason_cpu.sh out/reason          # ~19 minutes on 2 CPU cores
 #   SEED=2 bash rlhf/reason_cpu.sh out/reason2  # another draw of the RL runs and evaluations
 #   QUICK=1 bash rlhf/reason_cpu.sh out/tiny    # a seconds-long miniature of the whole command (the tests run it)
 #
 # The RL runs and evaluations go in two lanes side by side (without the KL, with it), each on half the cores: at
 # this model's size one process keeps two cores only ~2/3 busy (two single-thread processes do 1.5x the work of one
 # on two threads). Each stage's output goes to OUT_DIR/logs/STAGE.log.
-# Resumable: a stage whose output exists is skipped (delete the output to redo it). docs/reasoning.md has the study.
+# Resumable: a stage whose output exists is skipped (delete the output to redo it); a killed RL run continues from
+# where it last saved (its out_dir/state.pt). docs/reasoning.md has the study.
 set -euo pipefail
 OUT=${1:?usage: bash rlhf/reason_cpu.sh OUT_DIR}
 cd "$(dirname "$0")/.."

@@ -23,7 +23,7 @@ import time
 from tqdm import tqdm
 
 import configurator
-from rlhf.common import (length_only_predictor, load_policy, open_stage, pairwise_loss, preference_pairs,
+from rlhf.common import (RunState, length_only_predictor, load_policy, open_stage, pairwise_loss, preference_pairs,
                          reward_scores, rm_forward, rm_sequence, sample_record, sample_stories, save_policy,
                          shuffled_batches, train_step, write_jsonl)
 from stats import pair_accuracy, spearman
@@ -53,6 +53,7 @@ reuse_pool = True  # keep an existing pool (same settings) instead of sampling i
 device = "auto"
 compile = "auto"  # compile the sampling decode step
 seed = 1337
+resume_every = 60  # save where the run is (out_dir/state.pt) every this many seconds; 0: every iteration
 # -----------------------------------------------------------------------------
 config = configurator.configure(globals(), sys.argv[1:],
                                 positive=("n_train_prompts", "n_heldout_prompts", "batch_size", "epochs"))
@@ -115,9 +116,13 @@ def main():
     optimizer = rm.configure_optimizers(weight_decay, learning_rate, (0.9, 0.95), dev.split(":")[0])
     metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
     steps = epochs * (len(train_pairs) // batch_size)
+    state = RunState(out_dir, config, resume_every, model=rm, optimizer=optimizer)
+    start = state.restore(metrics) or 0
     rm.train()
     t0 = time.time()
     for it, batch in shuffled_batches(train_pairs, batch_size, epochs, seed):
+        if it < start:  # a stopped run's steps
+            continue
         lr = set_lr(optimizer, cosine_lr(it, learning_rate, min_lr, warmup_iters, steps))
         scores = rm_forward(rm, [rm_sequence(train[j]["prompt_ids"], train[j]["response"], layout)
                                  for j in [c for c, _ in batch] + [r for _, r in batch]])
@@ -126,11 +131,11 @@ def main():
         train_step(rm, optimizer, loss, grad_clip)
         acc = (chosen > rejected).float().mean().item()
         if it % 20 == 0:
-            eta = (time.time() - t0) / (it + 1) * (steps - it - 1)
+            eta = (time.time() - t0) / (it + 1 - start) * (steps - it - 1)
             print(f"{it}/{steps} | loss {loss.item():.4f} | batch acc {acc:.2f} | lr {lr:.2e} | eta {eta / 60:.1f} min")
             metrics.write(iter=it, loss=loss.item(), batch_acc=acc, lr=lr)
+        state.save(it + 1)
     rm.eval()
-    save_policy(rm, os.path.join(out_dir, "rm.pt"), kind="reward_model", layout=layout, task=task, config=config)
 
     # 4. held-out evaluation
     score = reward_scores(rm, [r["prompt_ids"] for r in heldout], [r["response"] for r in heldout])
@@ -157,6 +162,9 @@ def main():
     report["best_trivial"] = max(v["accuracy"] for v in report["trivial"].values())
     with atomic_write(os.path.join(out_dir, "rm.json"), "w") as f:
         json.dump(report, f, indent=1)
+    # the stage's output last: a run killed before it continues, and rm.json is never missing beside it
+    save_policy(rm, os.path.join(out_dir, "rm.pt"), kind="reward_model", layout=layout, task=task, config=config)
+    state.finish()
     per = ", ".join(f"{c} {v['accuracy']:.3f} ({v['pairs']})" for c, v in report["per_component"].items())
     print(f"held-out accuracy {report['accuracy']:.3f} on {len(heldout_pairs)} pairs, {report['accuracy_clear']:.3f} "
           f"on {len(clear)} clear pairs (gold margin >= {clear_margin}); best trivial predictor {report['best_trivial']:.3f}; "

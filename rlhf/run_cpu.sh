@@ -9,7 +9,8 @@
 #   DATA_URL=PATH_OR_URL bash rlhf/run_cpu.sh out/rlhf   # a local copy (or another URL) of the TinyStories archive
 #   SEED=2 bash rlhf/run_cpu.sh out/rlhf_seed2          # another draw of the whole chain (every stage's --seed)
 #
-# Resumable: a stage whose output exists is skipped (delete the output to redo it). Every stage is a script you
+# Resumable: a stage whose output exists is skipped (delete the output to redo it); a stage that was killed continues
+# from where it last saved (its out_dir/state.pt). Every stage is a script you
 # can run alone as `python -m rlhf.<stage>` (docs/rlhf-chain.md); this file is the recipe, ~20 minutes on 2 CPU cores.
 set -euo pipefail
 OUT=${1:?usage: bash rlhf/run_cpu.sh OUT_DIR}

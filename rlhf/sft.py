@@ -20,7 +20,7 @@ import time
 import torch
 
 import configurator
-from rlhf.common import make_batch, open_stage, save_policy, train_step
+from rlhf.common import RunState, make_batch, open_stage, save_policy, train_step
 from tasks.common import gold_of
 from tasks.instruct import KINDS
 from utils import MetricsLog, atomic_write, cosine_lr, fail, hold_out_dir, set_lr
@@ -45,6 +45,7 @@ eval_interval = 40  # held-out SFT loss every this many iterations
 log_interval = 10
 device = "auto"
 seed = 1337
+resume_every = 60  # save where the run is (out_dir/state.pt) every this many seconds; 0: every iteration
 # -----------------------------------------------------------------------------
 config = configurator.configure(globals(), sys.argv[1:], positive=("batch_size", "max_iters"))
 
@@ -105,11 +106,15 @@ def main():
         model.train()
         return sum(losses) / len(losses)
 
+    state = RunState(out_dir, config, resume_every, model=model, optimizer=optimizer)
+    start = state.restore(metrics) or 0
     model.train()
     stream = batches()
+    for _ in range(start):  # the batches a stopped run already trained on
+        next(stream)
     t0 = time.time()
     tokens = 0
-    for it in range(max_iters + 1):
+    for it in range(start, max_iters + 1):
         if it % eval_interval == 0 or it == max_iters:
             loss = heldout_loss()
             print(f"iter {it}: held-out SFT loss {loss:.4f}")
@@ -124,12 +129,14 @@ def main():
         tokens += int((targets != -1).sum())
         if it % log_interval == 0:
             dt = time.time() - t0
-            eta = dt / (it + 1) * (max_iters - it - 1)
+            eta = dt / (it + 1 - start) * (max_iters - it - 1)
             print(f"{it} | loss {loss.item():.4f} | lr {lr:.2e} | epoch {epoch} | {tokens / dt:,.0f} tok/s | "
                   f"eta {eta / 60:.1f} min")
             metrics.write(iter=it, loss=loss.item(), lr=lr, epoch=epoch, time_s=time.time() - t_start)
+        state.save(it + 1)
     path = os.path.join(out_dir, "ckpt.pt")
     save_policy(model, path, config=config, task=task, kinds=kind_list)
+    state.finish()
     print(f"saved {path} ({time.time() - t_start:.0f} s)")
 
 

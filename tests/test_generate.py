@@ -55,6 +55,26 @@ def test_cached_generation_matches_the_plain_loop_on_random_models():
         assert cached == plain
 
 
+def test_dropping_finished_rows_changes_no_token(stories260k, monkeypatch):
+    """Eager decoding drops rows as they stop: every row, sampled or greedy, is what the full batch gives."""
+    import generate as gen_module
+    model, enc = stories260k
+    prompts = [[enc.bos_id, t] for t in range(30, 62)]
+    stop = [enc.bos_id, enc.encode(".", bos=False, eos=False)[-1]]  # ends a row at its first sentence
+    kept, shapes = {}, []
+    real_keep = model.keep_cache_rows
+    monkeypatch.setattr(model, "keep_cache_rows", lambda rows: shapes.append(rows.numel()) or real_keep(rows))
+    for compact_at in (0.0, gen_module.COMPACT_AT):
+        monkeypatch.setattr(gen_module, "COMPACT_AT", compact_at)
+        gen = torch.Generator().manual_seed(3)
+        kept[compact_at] = [generate_withcache(model, prompts, 80, temperature=t, eos_id=stop, generator=gen,
+                                               keep_stop_token=True) for t in (1.0, 0.0)]
+    assert kept[0.0] == kept[gen_module.COMPACT_AT]
+    lengths = sorted(len(r) for r in kept[0.0][0])
+    assert lengths[0] < 20 and lengths[-1] > 40  # rows of very different lengths ...
+    assert shapes and min(shapes) < len(prompts) / 2  # ... so the batch did shrink
+
+
 P = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
 
 
@@ -113,6 +133,29 @@ def test_sample_py_refuses_bad_sampling_flags():
                           ("--compile=sometimes", "--compile must be auto, True or False")):
         proc = run_in_process([script("sample.py"), f"--checkpoint={ckpt}", flag])
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_in_process_runs_leave_the_process_as_they_found_it(tmp_path):
+    """A script run in-process (run_in_process) that reseeds, installs signal handlers or changes torch's settings,
+    then exits, leaves none of it behind: sample.py's refusal of a bad flag (after it seeded) and a script that
+    changes everything."""
+    import random
+    import signal
+    torch.manual_seed(11)
+    random.seed(11)
+    state, py_state, handler = torch.get_rng_state(), random.getstate(), signal.getsignal(signal.SIGINT)
+    proc = run_in_process([script("sample.py"), "--temperature=-1", "--seed=5"])
+    assert proc.returncode != 0 and "temperature must be >= 0" in proc.stderr
+    meddler = tmp_path / "meddler.py"
+    meddler.write_text("import random, signal, sys, torch\n"
+                       "torch.manual_seed(0); random.seed(0); torch.set_num_threads(1)\n"
+                       "torch.set_default_dtype(torch.float64)\n"
+                       "signal.signal(signal.SIGINT, lambda *a: None); sys.exit(3)\n")
+    threads = torch.get_num_threads()
+    assert run_in_process([str(meddler)]).returncode == 3
+    assert torch.equal(torch.get_rng_state(), state) and random.getstate() == py_state
+    assert signal.getsignal(signal.SIGINT) is handler and torch.get_default_dtype() == torch.float32
+    assert torch.get_num_threads() == threads
 
 
 def test_clear_caches_frees_the_cache_and_generation_sets_it_up_again():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import REPO, run, run_in_process, script
-from export import GGUF_QUANT, FormatError, export_gguf, gguf_fields, load_model
+from export import GGUF_QUANT, FormatError, export_gguf, gguf_fields, gguf_tensor_names, load_model
 from generate import generate_withcache
 from model import ModelArgs, Transformer
 
@@ -78,6 +78,57 @@ def test_metadata_and_tokenizer_are_what_llama_cpp_reads(tmp_path):
     assert "output.weight" not in names and "token_embd.weight" in names  # tied: llama.cpp reuses token_embd
     assert {f"blk.{p.n_layers - 1}.{n}.weight" for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate",
                                                           "ffn_down", "ffn_up", "attn_norm", "ffn_norm")} <= names
+
+
+def ggml_shapes(p):
+    """Each tensor's shape as llama.cpp reads it (ggml order: the row length first), from the model's sizes."""
+    q, kv = p.n_heads * p.head_dim, p.n_kv_heads * p.head_dim
+    shapes = {"token_embd.weight": (p.dim, p.vocab_size), "output_norm.weight": (p.dim,)}
+    for i in range(p.n_layers):
+        shapes.update({f"blk.{i}.{name}.weight": shape for name, shape in (
+            ("attn_norm", (p.dim,)), ("ffn_norm", (p.dim,)), ("attn_q", (p.dim, q)), ("attn_k", (p.dim, kv)),
+            ("attn_v", (p.dim, kv)), ("attn_output", (q, p.dim)), ("ffn_gate", (p.dim, p.hidden_dim)),
+            ("ffn_up", (p.dim, p.hidden_dim)), ("ffn_down", (p.hidden_dim, p.dim)))})
+    return shapes
+
+
+def q8_0_blocks(raw, shape):
+    """Q8_0 read by hand from the file's bytes: blocks of an fp16 step then 32 int8 values, the step times each."""
+    blocks = np.asarray(raw, dtype=np.uint8).reshape(-1, 34)
+    step = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+    return torch.from_numpy((step * blocks[:, 2:].copy().view(np.int8)).reshape(shape[::-1]))
+
+
+def test_every_tensor_in_ggml_order_and_q8_0_logits_close_to_fp32(tmp_path, greedy_text):
+    """The file as llama.cpp sees it: every tensor's shape in ggml order and its type; Q8_0 decoded from the bytes by
+    hand equals the original within its step, and the Q8_0 model's next-token distribution on the golden story stays
+    close to the fp32 model's."""
+    from sentencepiece import SentencePieceProcessor
+    model, _ = load_model(BUNDLED)
+    want = ggml_shapes(model.params)
+    names = {theirs: ours for ours, theirs in gguf_tensor_names(model.params.n_layers).items()}
+    original = model.state_dict()
+    path = str(tmp_path / "q8.gguf")
+    export_gguf(model, path, TOKENIZER, "q8_0")
+    _, reader = gguf_fields(path)
+    assert {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors} == want
+    Q8, F16, F32 = (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32)
+    for t in reader.tensors:
+        shape = want[t.name]
+        assert t.tensor_type == (F32 if len(shape) == 1 else Q8 if shape[0] % 32 == 0 else F16), t.name
+        if t.tensor_type == Q8:
+            w0 = original[names[t.name]]
+            step = w0.reshape(-1, 32).abs().amax(1, keepdim=True) / 127
+            w = q8_0_blocks(t.data, shape)
+            assert ((w - w0).reshape(-1, 32).abs() <= 0.57 * step + 1e-7).all(), t.name
+    q8, _ = load_model(path)
+    tokens = torch.tensor([SentencePieceProcessor(model_file=TOKENIZER).encode(greedy_text)[:200]])
+    with torch.no_grad():
+        lp32 = torch.log_softmax(model(tokens).logits.float(), -1)
+        lp8 = torch.log_softmax(q8(tokens).logits.float(), -1)
+    kl = (lp32.exp() * (lp32 - lp8)).sum(-1)  # KL(fp32 || q8_0) per position
+    agree = (lp32.argmax(-1) == lp8.argmax(-1)).float().mean().item()
+    assert kl.mean().item() < 1e-3 and kl.max().item() < 1e-2 and agree >= 0.97, (kl.mean(), kl.max(), agree)
 
 
 @pytest.mark.slow  # runs export.py and sample.py

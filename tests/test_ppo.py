@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import run, script
+from conftest import first_difference, killed_run, logged, run, script
 from generate import generate_withcache
 from model import ModelArgs, Transformer, TransformerWithValueHead
 from ppo import (AdaptiveKLController, DualKLController, FixedKLController, PPOConfig, PPOTrainer, clip_by_value,
@@ -206,40 +206,51 @@ def test_policy_gradient_on_the_stop_decision_only_by_hand():
     """pg_on_content=False: the clipped loss is on the decision to stop or go on, log p(stop) at the end token and
     log(1 - p(stop)) elsewhere. Its gradient on the logits is then the same as the binary decision's: at a
     position that went on, every other token's logit moves in proportion to its probability (what to write is
-    untouched: the distribution without the stop token does not change to first order)."""
+    untouched: the distribution without the stop token does not change to first order). The old policy, the
+    reference and the current policy all differ, and the clip acts at one position."""
     stop = 2
     logits = torch.tensor([[[0.3, -0.2, 1.0, 0.5], [0.1, 0.4, -0.5, 0.2], [0.0, 0.0, 2.0, 0.0]]], requires_grad=True)
+    old_logits = torch.tensor([[[0.3, -0.2, 2.0, 0.5], [0.1, 0.4, -0.3, 0.2], [0.0, 0.0, 2.3, 0.0]]])
+    ref_logits = torch.zeros(1, 3, 4)  # the reference: with the KL weight 0 it must not matter
     tokens = torch.tensor([[1, 3, stop]])
     mask, zeros = torch.ones(1, 3), torch.zeros(1, 3)
     advantages = torch.tensor([[0.7, -1.3, 0.4]])
     trainer = make_trainer(PPOConfig(batch_size=1, mini_batch_size=1, kl_mode="loss", init_kl_coef=0.0,
                                      value_baseline=False, stop_token_id=stop, pg_on_content=False))
-    lp = logprobs_from_logits(logits, tokens)
-    p_stop = torch.softmax(logits.detach(), -1)[..., stop]
-    old_stop = torch.log_softmax(logits.detach(), -1)[..., stop]
-    loss, stats = trainer.compute_loss(lp.detach(), zeros, lp, logits, zeros, mask, advantages, zeros, lp.detach(),
-                                       old_stop, tokens == stop, old_stop)
+    lp, old_lp = logprobs_from_logits(logits, tokens), logprobs_from_logits(old_logits, tokens)
+    p, p_old = torch.softmax(logits.detach(), -1), torch.softmax(old_logits, -1)
+    ps, ps_old = p[0, :, stop], p_old[0, :, stop]
+    # the ratio of the stop decisions: (1 - p) / (1 - p_old) where the story went on, p / p_old where it stopped
+    ratio = torch.cat([(1 - ps[:2]) / (1 - ps_old[:2]), ps[2:] / ps_old[2:]])
+    assert ratio[0] > 1.2 and 0.8 < ratio[1] < 1.2 and ratio[2] < 1  # A > 0 above 1.2 is clipped; the rest not
+    loss, stats = trainer.compute_loss(old_lp, zeros, lp, logits, zeros, mask, advantages, zeros,
+                                       logprobs_from_logits(ref_logits, tokens), torch.log_softmax(ref_logits, -1)[
+                                           ..., stop], tokens == stop, torch.log_softmax(old_logits, -1)[..., stop])
     loss.backward()
-    assert loss.item() == pytest.approx(-advantages.mean().item(), rel=1e-6)  # at the old policy every ratio is 1
-    # d/dz of -A log(1 - p) / 3 = -A p_j p / ((1 - p) 3) for the other tokens j and A p / 3 for the stop's own
-    # logit; at the stop token d/dz of -A log p / 3 = -A (1[j = stop] - p_j) / 3
-    p = torch.softmax(logits.detach(), -1)
-    for t in range(2):
-        a, ps = advantages[0, t], p_stop[0, t]
-        want = -a * p[0, t] * ps / ((1 - ps) * 3)
-        want[stop] = a * ps / 3
-        torch.testing.assert_close(logits.grad[0, t], want, atol=1e-6, rtol=1e-5)
-    want = -advantages[0, 2] * (torch.nn.functional.one_hot(torch.tensor(stop), 4) - p[0, 2]) / 3
+    a = advantages[0]
+    want_loss = (-a[0] * 1.2 - a[1] * ratio[1] - a[2] * ratio[2]) / 3
+    assert loss.item() == pytest.approx(want_loss.item(), rel=1e-6)
+    assert stats["policy"]["clipfrac"].item() == pytest.approx(1 / 3)
+    # position 0: clipped, no gradient. Position 1 went on: d/dz of -A r log(1 - p) / 3 = -A r p_j p / ((1 - p) 3)
+    # for the other tokens j and A r p / 3 for the stop's own logit. Position 2 stopped: -A r (1[j = stop] - p_j) / 3
+    assert torch.all(logits.grad[0, 0] == 0)
+    want = -a[1] * ratio[1] * p[0, 1] * ps[1] / ((1 - ps[1]) * 3)
+    want[stop] = a[1] * ratio[1] * ps[1] / 3
+    torch.testing.assert_close(logits.grad[0, 1], want, atol=1e-6, rtol=1e-5)
+    want = -a[2] * ratio[2] * (torch.nn.functional.one_hot(torch.tensor(stop), 4) - p[0, 2]) / 3
     torch.testing.assert_close(logits.grad[0, 2], want, atol=1e-6, rtol=1e-5)
-    # with the content in the policy gradient (the default) the loss is on the sampled token:
-    # -A (1[j = token] - p_j) / 3
+    # with the content in the policy gradient (the default) the loss is on the sampled token, its ratio
+    # p(token) / p_old(token): -A r (1[j = token] - p_j) / 3 where unclipped
     logits.grad = None
     trainer = make_trainer(PPOConfig(batch_size=1, mini_batch_size=1, kl_mode="loss", init_kl_coef=0.0,
                                      value_baseline=False, stop_token_id=stop))
-    trainer.compute_loss(lp.detach(), zeros, logprobs_from_logits(logits, tokens), logits, zeros, mask, advantages,
-                         zeros, lp.detach(), old_stop, tokens == stop, old_stop)[0].backward()
-    want = -advantages[0, 0] * (torch.nn.functional.one_hot(tokens[0, 0], 4) - p[0, 0]) / 3
-    torch.testing.assert_close(logits.grad[0, 0], want, atol=1e-6, rtol=1e-5)
+    trainer.compute_loss(old_lp, zeros, logprobs_from_logits(logits, tokens), logits, zeros, mask, advantages,
+                         zeros, logprobs_from_logits(ref_logits, tokens), None, tokens == stop, None)[0].backward()
+    r = (lp - old_lp).exp().detach()[0]
+    assert r[0] > 1.2 and 0.8 < r[1] < 1.2  # position 0 (A > 0) clipped, position 1 not
+    assert torch.all(logits.grad[0, 0] == 0)
+    want = -a[1] * r[1] * (torch.nn.functional.one_hot(tokens[0, 1], 4) - p[0, 1]) / 3
+    torch.testing.assert_close(logits.grad[0, 1], want, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="stop_token_id"):
         make_trainer(PPOConfig(batch_size=1, mini_batch_size=1, pg_on_content=False))
 
@@ -257,14 +268,9 @@ def test_stop_diagnostics_by_hand():
                  is_stop=is_stop, masks=masks, values=torch.tensor([[0.0, 1, 1, 1, 1]]),
                  returns=torch.tensor([[0.0, 1, 1, 1, 3]]), advantages=adv, kl_coef=0.5)
     d = stop_diagnostics(batch, target_length=4, width=1)
-    near = [2, 3, 4]  # story lengths 3, 4, 5
+    # near the target: story lengths 3, 4, 5 (positions 2, 3, 4)
     assert d["stop/p_policy_near_target"] == pytest.approx((0.2 + 0.4 + 0.8) / 3)
     assert d["stop/p_ref_near_target"] == pytest.approx((0.1 + 0.2 + 0.5) / 3)
-    s = [0.0, 0.0, 0.0, 0.0, 1.0]
-    pg = sum(-adv[0, t].item() * (s[t] - p[0, t].item()) for t in near) / 4
-    kl = sum(0.5 * (math.exp(ref_logprobs[0, t] - logprobs[0, t]) - 1) * (p[0, t].item() - s[t]) for t in near) / 4
-    assert d["stop/grad_pg_near_target"] == pytest.approx(pg, rel=1e-5)
-    assert d["stop/grad_kl_near_target"] == pytest.approx(kl, rel=1e-5)
     assert stop_diagnostics(batch, 4, kl_on_stop=False, width=1)["stop/grad_kl_near_target"] == 0.0
     assert d["stop/adv_end_near"] == pytest.approx(-1.0) and d["stop/adv_end_short"] == 0.0
     assert d["stop/value_error_last10"] == pytest.approx(4 / 4)
@@ -273,6 +279,39 @@ def test_stop_diagnostics_by_hand():
     assert d["stop/kl_stop_decisions"] == pytest.approx(binary, rel=1e-4)
     k1 = (logprobs - ref_logprobs)[0, 1:].sum().item()
     assert d["stop/beta_k"] == pytest.approx(0.5 * k1 / 4, rel=1e-5)
+
+
+def test_stop_diagnostics_are_the_losss_gradient_on_the_stop_logit():
+    """grad_pg/grad_kl_near_target equal autograd's derivative of the step's loss (policy part, k3 KL part) with
+    respect to the stop logit, summed over the positions near the target, on two rows of different lengths."""
+    stop, beta = 2, 0.3
+    g = torch.Generator().manual_seed(0)
+    logits, ref_logits = torch.randn(2, 6, 5, generator=g), torch.randn(2, 6, 5, generator=g)
+    masks = torch.tensor([[1.0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    tokens = torch.tensor([[1, 3, 4, stop, 0, 0], [4, 1, 3, 0, 1, stop]])
+    adv = torch.randn(2, 6, generator=g) * masks
+    zeros = torch.zeros(2, 6)
+    lp, ref_lp = logprobs_from_logits(logits, tokens), logprobs_from_logits(ref_logits, tokens)
+
+    def stop_logit_grad(kl_coef, advantages):  # d loss / d stop logit at the old policy (ratio 1)
+        z = logits.clone().requires_grad_(True)
+        trainer = make_trainer(PPOConfig(batch_size=2, mini_batch_size=2, kl_mode="loss", init_kl_coef=kl_coef,
+                                         value_baseline=False))
+        trainer.compute_loss(lp, zeros, logprobs_from_logits(z, tokens), z, zeros, masks, advantages, zeros,
+                             ref_lp)[0].backward()
+        return z.grad[..., stop]
+    batch = dict(logprobs=lp, ref_logprobs=ref_lp, stop_logprobs=torch.log_softmax(logits, -1)[..., stop],
+                 ref_stop_logprobs=torch.log_softmax(ref_logits, -1)[..., stop], is_stop=tokens == stop, masks=masks,
+                 values=zeros, returns=zeros, advantages=adv, kl_coef=beta)
+    d = stop_diagnostics(batch, target_length=4, width=1)
+    near = torch.zeros(2, 6)
+    near[:, 2:5] = 1  # stories of 3..5 tokens: columns 2..4
+    near *= masks  # row 0 has columns 2, 3; row 1 columns 2, 3, 4
+    assert d["stop/grad_pg_near_target"] == pytest.approx((stop_logit_grad(0.0, adv) * near).sum().item(), rel=1e-5)
+    assert d["stop/grad_kl_near_target"] == pytest.approx((stop_logit_grad(beta, zeros) * near).sum().item(),
+                                                          rel=1e-5)
+    p = torch.softmax(logits, -1)[..., stop]
+    assert d["stop/p_policy_near_target"] == pytest.approx(((p * near).sum() / 5).item())
 
 
 def test_empty_response_gets_no_score_and_does_not_crash():
@@ -434,6 +473,31 @@ def test_kl_coefficient_bounds_hold_after_each_update():
     assert t.kl_ctl.value == pytest.approx(0.12)
     with pytest.raises(ValueError, match="kl_coef_min <= init_kl_coef <= kl_coef_max"):
         PPOConfig(init_kl_coef=0.2, kl_coef_max=0.1)
+
+
+def test_kl_coefficient_bounds_hold_through_step():
+    """step() moves beta with the KL it measured and clamps it: held at the floor when the KL is 0 (the policy is
+    still the reference), at the ceiling when it is far over the target; the next step logs the clamped value."""
+    def trainer():
+        return make_trainer(PPOConfig(batch_size=8, mini_batch_size=4, adap_kl_rule="trl", init_kl_coef=0.1,
+                                      target=0.01, horizon=8, kl_coef_min=0.09, kl_coef_max=0.105))
+    t = trainer()
+    stats = t.step(*rollouts(8))
+    assert stats["objective/kl"] == 0.0 and stats["objective/kl_coef"] == 0.1
+    assert t.kl_ctl.value == 0.09  # 0.1 x (1 - 0.2 x 8 / 8) = 0.08 unbounded
+    assert t.step(*rollouts(8, seed=1))["objective/kl_coef"] == 0.09
+    t = trainer()
+    with torch.no_grad():  # a reference far from the policy, and the policy's own samples: KL(policy || ref) >> 0.01
+        for p in t.ref_model.parameters():
+            p.add_(torch.randn_like(p))
+    queries = [torch.tensor([1, 5, 9])] * 8
+    responses = [torch.tensor(r) for r in generate_withcache(t.model, [q.tolist() for q in queries], 10,
+                                                             temperature=1.0)]
+    t.model.clear_caches()
+    stats = t.step(queries, responses, [torch.tensor(0.0)] * 8)
+    assert stats["objective/kl"] > 1.0
+    assert t.kl_ctl.value == 0.105  # 0.1 x 1.2 = 0.12 unbounded
+    assert t.step(queries, responses, [torch.tensor(0.0)] * 8)["objective/kl_coef"] == 0.105
 
 
 def test_length_error_learning_rate_by_hand():
@@ -768,13 +832,53 @@ def test_train_py_ppo_runs_saves_and_resumes(tiny_run, tmp_path):
     assert "value_head.weight" in ck["model"] and ck["ppo_state"]["kl_coef"] > 0
     # resume continues the PPO run (its iteration, policy and KL coefficient), not the pre-training one
     assert ck["ppo_state"]["start_iter"] == 30
-    proc = run([script("train.py"), f"--out_dir={out}", *model, *PPO_FLAGS, *schedule,
-                f"--max_iters={ck['iter_num'] + 1}", "--eval_interval=100"], env=env)
-    assert f"Resuming training from {out / 'ppo_ckpt.pt'}" in proc.stdout
-    assert f"{ck['iter_num']} | reward" in proc.stdout
-    resumed = [r for r in map(json.loads, open(out / "metrics.jsonl")) if r.get("iter") == ck["iter_num"]
-               and "reward_mean" in r][-1]  # the resumed run's first iteration: the schedule still counts from 30
-    assert resumed["lr"] == pytest.approx(cosine_lr(ck["iter_num"] - 30, 1e-3, 1e-4, 0, ck["iter_num"] + 1 - 30))
+    # the end of the run is saved too (ppo_last.pt, the newer file): --max_iters=more continues from there
+    last = torch.load(out / "ppo_last.pt", weights_only=True)
+    assert last["iter_num"] == 34 and last["ppo_state"]["start_iter"] == 30
+    proc = run([script("train.py"), f"--out_dir={out}", *model, *PPO_FLAGS, *schedule, "--max_iters=35",
+                "--eval_interval=100"], env=env)
+    assert f"Resuming training from {out / 'ppo_last.pt'}" in proc.stdout
+    assert "34 | reward" in proc.stdout and "33 | reward" not in proc.stdout
+    rows = [r for r in map(json.loads, open(out / "metrics.jsonl")) if "reward_mean" in r]
+    assert [r["iter"] for r in rows] == [30, 31, 32, 33, 34, 35]  # the first run's lines, then the new one's
+    assert rows[-2]["lr"] == pytest.approx(cosine_lr(34 - 30, 1e-3, 1e-4, 0, 35 - 30))  # still counts from 30
+
+
+@pytest.mark.slow
+def test_train_py_ppo_killed_anywhere_resumes_bitwise(tiny_run, tmp_path):
+    """kill -9 three times: halfway through a save of ppo_last.pt, then twice at a random moment, each time followed
+    by --init_from=resume. The run ends bitwise where the uninterrupted one ends (weights, optimizer, KL coefficient,
+    minibatch order, query sampler, the best policy and the metrics), and each kill costs at most the iteration it
+    interrupted (--resume_every=0: where the run is, saved after every iteration)."""
+    import random
+    import re
+    root, env, model = tiny_run
+    flags = [*model, *PPO_FLAGS, "--max_iters=37", "--eval_interval=3", "--resume_every=0"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    for d in (straight, killed):
+        shutil.copytree(root / "ppo_base", d)
+    run([script("train.py"), f"--out_dir={straight}", *flags], env=env)
+    # then at a random iteration's log line, and a random moment after it (an iteration here takes ~0.1 s)
+    rng = random.Random(0)
+    kills = [dict(die_at_save=2, save_name="ppo_last.pt")] + [
+        dict(kill_at=rf"^{rng.randint(first, first + 1)} \| reward", delay=rng.uniform(0.0, 0.08))
+        for first in (32, 34)]
+    done = []  # the iterations each run finished, in order
+    for kill in kills:
+        code, out = killed_run([script("train.py"), f"--out_dir={killed}", *flags], env, **kill)
+        assert code in (137, -9), out[-2000:]
+        done += re.findall(r"^(\d+) \| reward", out, re.M)
+    out = run([script("train.py"), f"--out_dir={killed}", *flags], env=env).stdout
+    done += re.findall(r"^(\d+) \| reward", out, re.M)
+    assert "Resuming training from" in out
+    assert 0 <= len(done) - 8 <= len(kills), done  # iterations 30..37 once, plus at most one per kill
+    for name in ("ppo_last.pt", "ppo_ckpt.pt"):
+        a, b = (torch.load(d / name, weights_only=True) for d in (straight, killed))
+        for ck in (a, b):  # the settings that differ by design
+            del ck["config"]["out_dir"], ck["config"]["resume_every"]
+        assert first_difference(a, b) is None, (name, first_difference(a, b))
+    assert torch.load(killed / "ppo_last.pt", weights_only=True)["iter_num"] == 38
+    assert logged(straight / "metrics.jsonl") == logged(killed / "metrics.jsonl")
 
 
 @pytest.mark.slow

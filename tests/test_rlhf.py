@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from conftest import REPO, run, run_in_process, shared_path, stage
+from conftest import REPO, first_difference, killed_run, logged, run, run_in_process, shared_path, stage
 from model import ModelArgs, TransformerWithValueHead
 from ppo import aggregate, clipped_policy_loss
 from rlhf.common import (best_of_n_kl_bound, best_of_n_weights, dpo_loss, group_advantages, make_batch, pad_right,
@@ -384,51 +384,64 @@ def story_subset(folder, heldout=40, train=300):
     return str(folder)
 
 
-@pytest.mark.slow
-def test_every_stage_runs_tiny_and_seeded(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_chain(tmp_path_factory):
+    """Every training stage run once, tiny and seeded, on the first stories of the excerpt: {"out": the folder,
+    "env", "common" flags, "args": {stage: its command line without --out_dir}, "outputs": {stage: its result}}."""
+    tmp_path = tmp_path_factory.mktemp("chain")
     data_dir = story_subset(tmp_path / "stories")
     env = {"DATA_CACHE_DIR": str(tmp_path / "data")}
     common = [f"--data_dir={data_dir}", "--compile=False"]
     out = tmp_path / "rlhf"
-    proc = run([*stage("sft"), f"--data_dir={data_dir}", f"--out_dir={out / 'sft'}", "--max_iters=4",
-                "--batch_size=4", "--eval_interval=2", "--top_fraction=0.05"], env=env)
-    kept, of = map(int, re.search(r"SFT on (\d+) of (\d+) training stories", proc.stdout).groups())
+    sft, rm = str(out / "sft" / "ckpt.pt"), str(out / "reward_model" / "rm.pt")
+    args = {
+        "sft": [*stage("sft"), f"--data_dir={data_dir}", "--max_iters=4", "--batch_size=4", "--eval_interval=2",
+                "--top_fraction=0.05"],
+        "reward_model": [*stage("reward_model"), *common, f"--policy={sft}", "--n_train_prompts=8",
+                         "--n_heldout_prompts=4", "--samples_per_prompt=3", "--batch_size=2", "--epochs=1"],
+        "dpo": [*stage("dpo"), f"--policy={sft}", f"--pairs={out / 'reward_model' / 'pool_train.jsonl'}", "--batch_size=2",
+                "--epochs=1"],
+        "grpo": [*stage("grpo"), *common, f"--policy={sft}", f"--reward={rm}", "--prompts_per_iter=2",
+                 "--group_size=2", "--max_iters=3", "--mini_batch_size=2", "--save_interval=1"],
+        "ppo_rlhf": [*stage("ppo_rlhf"), *common, f"--policy={sft}", f"--reward={rm}", "--rollouts=4",
+                     "--mini_batch_size=2", "--max_iters=3"],
+    }
+    outputs = {"sft": "ckpt.pt", "reward_model": "rm.pt", "dpo": "ckpt.pt", "grpo": "ckpt.pt", "ppo_rlhf": "ckpt.pt"}
+    stdout = {name: run([*a, f"--out_dir={out / name}"], env=env).stdout for name, a in args.items()}
+    return {"out": out, "env": env, "common": common, "args": args, "outputs": outputs, "stdout": stdout,
+            "sft": sft, "rm": rm}
+
+
+@pytest.mark.slow
+def test_every_stage_runs_tiny_and_seeded(tiny_chain):
+    out, env, common, sft, rmp = (tiny_chain[k] for k in ("out", "env", "common", "sft", "rm"))
+    kept, of = map(int, re.search(r"SFT on (\d+) of (\d+) training stories", tiny_chain["stdout"]["sft"]).groups())
     assert 200 <= of <= 300 and kept == round(0.05 * of)  # the stories that make a prompt and fit, 5% kept
-    sft = str(out / "sft" / "ckpt.pt")
-    assert json.load(open(out / "sft" / "sft_data.json"))["kept_gold"] > json.load(open(out / "sft" / "sft_data.json"))["all_gold"]
-    run([*stage("reward_model"), *common, f"--policy={sft}", f"--out_dir={out / 'rm'}", "--n_train_prompts=8",
-         "--n_heldout_prompts=4", "--samples_per_prompt=3", "--batch_size=2", "--epochs=1"], env=env)
-    rm = json.load(open(out / "rm" / "rm.json"))
+    sft_data = json.load(open(out / "sft" / "sft_data.json"))
+    assert sft_data["kept_gold"] > sft_data["all_gold"]
+    rm = json.load(open(out / "reward_model" / "rm.json"))
     assert rm["train_pairs"] > 0 and 0.0 <= rm["accuracy"] <= 1.0 and set(rm["trivial"]) == {
         "longer_wins", "shorter_wins", "ended_wins", "length_only"}
     assert set(rm["per_component"]) <= {"complete", "dialogue", "happy_ending", "character", "fluent", "not_repetitive"}
-    pool = [json.loads(x) for x in open(out / "rm" / "pool_train.jsonl")]
+    pool = [json.loads(x) for x in open(out / "reward_model" / "pool_train.jsonl")]
     assert len(pool) == 24 and all(r["gold"] == pytest.approx(sum(r["components"].values()) / len(r["components"]))
                                    for r in pool)
-    run([*stage("dpo"), f"--policy={sft}", f"--pairs={out / 'rm' / 'pool_train.jsonl'}",
-         f"--out_dir={out / 'dpo'}", "--batch_size=2", "--epochs=1"], env=env)
-    rmp = str(out / "rm" / "rm.pt")
-    grpo = [*stage("grpo"), *common, f"--policy={sft}", f"--reward={rmp}", "--prompts_per_iter=2", "--group_size=2",
-            "--max_iters=2", "--mini_batch_size=2", "--save_interval=1"]
-    run([*grpo, f"--out_dir={out / 'grpo'}"], env=env)
     assert (out / "grpo" / "ckpt_1.pt").exists() and (out / "grpo" / "ckpt.pt").exists()
+    assert not any((out / name / "state.pt").exists() for name in tiny_chain["args"])  # removed once finished
     # seeded: the same stage run again is the same run, bit for bit (every logged number but the times, the weights)
-    run([*grpo, f"--out_dir={out / 'grpo_again'}"], env=env)
-    first, again = ([{k: v for k, v in json.loads(x).items() if k not in ("rollout_s", "time_s")}
-                     for x in open(out / d / "metrics.jsonl")] for d in ("grpo", "grpo_again"))
-    assert first == again and len(first) == 2
+    run([*tiny_chain["args"]["grpo"], f"--out_dir={out / 'grpo_again'}"], env=env)
+    first, again = (logged(out / d / "metrics.jsonl") for d in ("grpo", "grpo_again"))
+    assert first == again and len(first) == 3
     a, b = (torch.load(out / d / "ckpt.pt", weights_only=True)["model"] for d in ("grpo", "grpo_again"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    run([*stage("ppo_rlhf"), *common, f"--policy={sft}", f"--reward={rmp}", f"--out_dir={out / 'ppo'}",
-         "--rollouts=4", "--mini_batch_size=2", "--max_iters=2"], env=env)
-    rows = [json.loads(x) for x in open(out / "ppo" / "metrics.jsonl")]
-    assert [r["iter"] for r in rows] == [1, 2] and all(0.0 <= r["gold_mean"] <= 1.0 for r in rows)
+    rows = [json.loads(x) for x in open(out / "ppo_rlhf" / "metrics.jsonl")]
+    assert [r["iter"] for r in rows] == [1, 2, 3] and all(0.0 <= r["gold_mean"] <= 1.0 for r in rows)
     run([*stage("best_of_n"), *common, f"--policy={sft}", f"--reward={rmp}", f"--out_dir={out}",
          "--n_prompts=2", "--pool_size=4"], env=env)
     bon = json.load(open(out / "bon.json"))
     assert [r["n"] for r in bon["rows"]] == [1, 2, 4]
     for name, ckpt in (("sft", sft), ("dpo", out / "dpo" / "ckpt.pt"), ("grpo_rm@1", out / "grpo" / "ckpt_1.pt"),
-                       ("ppo_rm", out / "ppo" / "ckpt.pt")):
+                       ("ppo_rm", out / "ppo_rlhf" / "ckpt.pt")):
         run([*stage("evaluate"), *common, f"--policy={ckpt}", f"--name={name}", f"--sft={sft}",
              f"--reward_model={rmp}", f"--out_dir={out}", "--n_prompts=3"], env=env)
     e = json.load(open(out / "eval_sft.json"))
@@ -437,6 +450,39 @@ def test_every_stage_runs_tiny_and_seeded(tmp_path):
     assert len(lines) == 3 and {"prompt", "story", "gold", "components"} <= set(lines[0])
     proc = run([*stage("evaluate"), f"--report={out}"], env=env)
     assert "| dpo |" in proc.stdout and (out / "report.md").exists() and (out / "report.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sft", "reward_model", "dpo", "grpo", "ppo_rlhf"])
+def test_a_killed_stage_continues_where_it_stopped_bitwise(tiny_chain, tmp_path, name):
+    """kill -9 halfway through the stage's second save of where it is (state.pt, every iteration with
+    --resume_every=0), then at a random moment after it continued; each time the same command again. The stage continues from the
+    last complete save (redoing only the iteration whose save was cut) and ends bitwise as the uninterrupted run:
+    its result, its metrics; and the run state is gone once it is done."""
+    args = [*tiny_chain["args"][name], f"--out_dir={tmp_path / name}", "--resume_every=0"]
+    first = 1 if name in ("grpo", "ppo_rlhf") else 0  # the stage's first iteration
+    code, out = killed_run(args, tiny_chain["env"], die_at_save=2)
+    assert code == 137, out[-2000:]
+    assert (tmp_path / name / "state.pt").exists()
+    if name == "grpo":  # the command again with another setting: refused in one line, the saved state kept
+        proc = run([*args, "--learning_rate=0.01"], env=tiny_chain["env"], check=False)
+        assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(
+            f"error: {tmp_path / name / 'state.pt'} is an unfinished run with other settings (learning_rate="), \
+            proc.stderr[-1000:]
+    code, out = killed_run(args, tiny_chain["env"], kill_at="continuing the unfinished run",
+                           delay=random.Random(name).uniform(0.0, 1.0))  # a random moment of the rest
+    assert code in (0, -9), out[-2000:]
+    if code != 0:  # killed (not finished first): the same command again
+        out += run(args, env=tiny_chain["env"]).stdout
+    # the first continuation starts after the one complete save: only the iteration whose save was cut is redone
+    assert re.search(r"continuing the unfinished run in \S+ from iteration (\d+)", out).group(1) == str(first + 1)
+    result = tiny_chain["outputs"][name]
+    a, b = (torch.load(folder / result, weights_only=True) for folder in (tiny_chain["out"] / name, tmp_path / name))
+    for ck in (a, b):  # the settings that differ by design
+        del ck["config"]["out_dir"], ck["config"]["resume_every"]
+    assert first_difference(a, b) is None, first_difference(a, b)
+    assert logged(tiny_chain["out"] / name / "metrics.jsonl") == logged(tmp_path / name / "metrics.jsonl")
+    assert not (tmp_path / name / "state.pt").exists()
 
 
 @pytest.mark.parametrize("args, message", [
