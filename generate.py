@@ -129,10 +129,26 @@ def compile_decode(model):
     for every call. cpp_wrapper moves the per-call launch code from Python to C++, which matters when each
     step is only microseconds of math."""
     options = {"cpp_wrapper": True} if model.tok_embeddings.weight.device.type == "cpu" else None
+    # every (batch, tokens per call, sampling settings) is its own graph, and every compile_decode shares this code
+    # object: dynamo's default of 8 graphs per code object is soon reached by a process that samples in several ways
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
 
     def model_decode_tokens(tokens, input_pos, uniforms, temperature=0.0, top_k=0, top_p=1.0, cache_positions=None):
         return decode_tokens(model, tokens, input_pos, uniforms, temperature, top_k, top_p, cache_positions)
     return torch.compile(model_decode_tokens, fullgraph=True, dynamic=False, options=options)
+
+
+AUTO_TOKENS_PER_CALL = 4  # decode steps per compiled call where the steps are small ...
+SMALL_STEP = 10_000_000  # ... at most this many parameters x rows: 260K up to batch ~38, not 15M (bench/RESULTS.md)
+
+
+def auto_tokens_per_call(model, batch):
+    """Decode steps per compiled call when the caller names none: AUTO_TOKENS_PER_CALL where a step is so little
+    work (parameters x rows) that the call's fixed cost is a large part of it, else 1 (the compile takes ~2.5x longer
+    at 4, so it is spent only where it pays)."""
+    n_params = sum(p.numel() for p in model.parameters())
+    return AUTO_TOKENS_PER_CALL if n_params * batch <= SMALL_STEP else 1
 
 
 # newer torch (2.7+) can skip guard evaluation; generate_withcache does so after the first step of a call
@@ -156,7 +172,8 @@ def rows_done(out, stop_ids, limit):
 @torch.inference_mode()
 def generate_withcache(model, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
                        top_k: int = 0, top_p: float = 1.0, eos_id=None, echo: bool = False, device=None,
-                       decode_fn=None, generator: Optional[torch.Generator] = None, tokens_per_call: int = 1,
+                       decode_fn=None, generator: Optional[torch.Generator] = None,
+                       tokens_per_call: Optional[int] = None,
                        keep_stop_token: bool = False) -> List[List[int]]:
     """Batched KV-cache generation for prompts of different lengths.
 
@@ -168,13 +185,15 @@ def generate_withcache(model, prompt_tokens: List[List[int]], max_gen_len: int, 
     out of budget or context).
     decode_fn: optional replacement for decode_tokens(model, ...), e.g. compile_decode(model).
     tokens_per_call: decode steps per decode_fn call (the same tokens for any value; a compiled decode_fn
-    compiles once per value). Sampling draws one uniform per row and token from generator (default: torch's
+    compiles once per value); None: auto_tokens_per_call with a decode_fn, else 1. Sampling draws one uniform per row and token from generator (default: torch's
     global generator), so a seed gives the same stories eager or compiled. Eager decoding (no decode_fn) drops the
     rows that finished from the batch as it goes, each row keeping its own uniforms: the same stories, fewer steps'
     work when lengths vary (a compiled step is compiled for one batch size, so it keeps them all)."""
     check_sampling_args(temperature, top_k, top_p)
     if max_gen_len < 1:
         raise ValueError(f"max_gen_len must be >= 1, got {max_gen_len}")
+    if tokens_per_call is None:
+        tokens_per_call = auto_tokens_per_call(model, len(prompt_tokens)) if decode_fn is not None else 1
     if tokens_per_call < 1:
         raise ValueError(f"tokens_per_call must be >= 1, got {tokens_per_call}")
     if not prompt_tokens or any(len(p) == 0 for p in prompt_tokens):

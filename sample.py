@@ -9,7 +9,7 @@ Sample stories from a trained model with the KV-cache generator (generate.py).
 
 Works the same on CPU, CUDA and MPS (--device=auto picks one). --compile=auto (the default) compiles the decode
 step (forward and sampling) when the run is long enough to pay for compiling (utils.should_compile);
---compile=True always, --tokens_per_call=4 puts 4 decode steps in each compiled call.
+--compile=True always; a compiled call runs several decode steps where they are small (--tokens_per_call=K sets it).
 Stories go to stdout (separated by a line of dashes); speed and settings go to stderr.
 """
 import os
@@ -21,7 +21,7 @@ import torch
 
 import configurator
 from export import FormatError, load_model
-from generate import compile_decode, generate_withcache
+from generate import auto_tokens_per_call, compile_decode, generate_withcache
 from tokenizer import find_tokenizer, load_tokenizer
 from utils import DTYPES, fail, pick_device, pick_dtype, should_compile
 
@@ -41,7 +41,7 @@ seed = 1337
 device = "auto"
 dtype = "auto"
 compile = "auto"  # torch.compile the decode step: auto = for 8,000 decode steps or more (utils.should_compile)
-tokens_per_call = 1  # decode steps per compiled call: 4 is ~1.7x faster for tiny models at batch 1, compiles ~4x longer
+tokens_per_call = 0  # decode steps per compiled call; 0: auto (4 for small models at small batches, else 1)
 # -----------------------------------------------------------------------------
 overridden = configurator.apply_or_exit(globals(), sys.argv[1:])
 
@@ -53,9 +53,11 @@ def main():
               file=sys.stderr)
         ckpt_path = BUNDLED
     should_compile(compile, "cpu", "decode", 0)  # refuses a bad --compile before loading
-    for name in ("max_new_tokens", "num_samples", "tokens_per_call"):
+    for name in ("max_new_tokens", "num_samples"):
         if globals()[name] < 1:
             fail(f"--{name} must be >= 1, got {globals()[name]}")
+    if tokens_per_call < 0:
+        fail(f"--tokens_per_call must be >= 1, or 0 for auto, got {tokens_per_call}")
     try:
         dev = pick_device(device)
         ptdtype = DTYPES[pick_dtype(dtype, dev)]
@@ -87,6 +89,7 @@ def main():
     groups = [prompt_tokens] if batch else [[p] for p in prompt_tokens]
     use_compile = should_compile(compile, dev, "decode", len(groups) * max_new_tokens)
     decode_fn = compile_decode(model) if use_compile else None
+    per_call = tokens_per_call or (auto_tokens_per_call(model, len(groups[0])) if use_compile else 1)
     outputs, t0 = [], time.time()
     try:
         with torch.autocast(device_type="cuda", dtype=ptdtype) if dev.startswith("cuda") and ptdtype != torch.float32 \
@@ -95,7 +98,7 @@ def main():
                 outputs += generate_withcache(model, group, max_new_tokens, temperature=temperature, top_k=top_k,
                                               top_p=top_p, eos_id=stop, echo=False, device=dev,
                                               decode_fn=decode_fn, generator=generator,
-                                              tokens_per_call=tokens_per_call)
+                                              tokens_per_call=per_call)
     except ValueError as e:
         fail(e)
     dt = time.time() - t0
@@ -106,7 +109,7 @@ def main():
     n_tokens = sum(len(o) for o in outputs)
     print(f"[{len(outputs)} samples, {n_tokens} tokens in {dt:.2f}s: {n_tokens / dt:,.0f} tok/s on {dev}"
           f"{', compiled (the time includes compiling)' if use_compile else ''}"
-          f"{f', {tokens_per_call} tokens per call' if tokens_per_call > 1 else ''}]",
+          f"{f', {per_call} tokens per call' if per_call > 1 else ''}]",
           file=sys.stderr)
 
 

@@ -2,7 +2,10 @@
 Generation speed beside llama.cpp: the same weights exported to GGUF (export.py) and run by llama.cpp through
 llama-cpp-python, against this repository's KV-cache generator (eager and with the decode step compiled) and Hugging
 Face `LlamaForCausalLM.generate`. Greedy, 256 new tokens from BOS, batch 1 (llama-cpp-python decodes one sequence),
-tokens/s, median of 3, all in one run. Also checks that llama.cpp's greedy tokens are ours, token for token.
+tokens/s, median of 5, all in one run, each side with its default flags and with its best: ours with the decode
+steps per compiled call chosen automatically and with the fastest of 1, 2, 4; llama.cpp with its defaults (fp16 KV
+cache) and with the fastest of flash attention and an fp32 KV cache. Also checks that llama.cpp's greedy tokens are
+ours, token for token.
 
     pip install gguf llama-cpp-python transformers   # llama-cpp-python builds llama.cpp from source (~10 min on 2 cores)
     python bench/bench_llama_cpp.py                  # stories260K (bundled) and a 15M model (random weights)
@@ -39,7 +42,7 @@ def llama_cpp_tokens(llm, bos, n):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--tokenizer_32k", default=os.path.join(ROOT, "tokenizer.model"))
     args = parser.parse_args()
     try:
@@ -52,35 +55,59 @@ def main():
         torch.manual_seed(0)
         models["15M (random weights)"] = (Transformer(CONFIGS["15M"]).eval(), args.tokenizer_32k)
     threads = torch.get_num_threads()
-    rows, agree = [], []
+    # llama.cpp's settings: its defaults (fp16 KV cache), and the best of a few it offers for this kind of run
+    best_flags = {"flash attention": dict(flash_attn=True), "fp32 KV cache": dict(type_k=0, type_v=0),
+                  "both": dict(flash_attn=True, type_k=0, type_v=0)}
+    rows, agree, best_names = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (model, tok) in models.items():
             path = os.path.join(tmp, "m.gguf")
             export_gguf(model, path, tok)
-            llm = llama_cpp.Llama(model_path=path, n_ctx=NEW + 8, n_threads=threads, n_batch=64, verbose=False)
+
+            def llama(**flags):
+                return llama_cpp.Llama(model_path=path, n_ctx=NEW + 8, n_threads=threads, verbose=False, **flags)
             ours = generate_withcache(model, [[1]], NEW, temperature=0.0)[0]
+            compiled = compile_decode(model)
+
+            def ours_compiled(k):
+                return median_rate(lambda: generate_withcache(model, [[1]], NEW, temperature=0.0, decode_fn=compiled,
+                                                              tokens_per_call=k), NEW, args.runs)
+            for k in (None, 1, 2, 4):  # compile each, untimed (None: the default, chosen automatically)
+                generate_withcache(model, [[1]], NEW, temperature=0.0, decode_fn=compiled, tokens_per_call=k)
+            eager = median_rate(lambda: generate_withcache(model, [[1]], NEW, temperature=0.0), NEW, args.runs)
+            default = ours_compiled(None)
+            per_k = {k: ours_compiled(k) for k in (1, 2, 4)}
+            k_best = max(per_k, key=per_k.get)
+            hf = hf_model(model)
+            hf_rate = median_rate(lambda: hf.generate(torch.tensor([[1]]), max_new_tokens=NEW, min_new_tokens=NEW,
+                                                      do_sample=False), NEW, args.runs)
+            # llama.cpp only now: an open llama.cpp context keeps threads that would slow the timings above
+            llm = llama()
             theirs = llama_cpp_tokens(llm, 1, NEW)
             same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
             agree.append(f"{name}: {'identical' if same is None else f'first differs at token {same}'} "
                          f"({len(theirs)} tokens)")
-            compiled = compile_decode(model)
-            generate_withcache(model, [[1]], NEW, temperature=0.0, decode_fn=compiled)  # compile once, untimed
-            hf = hf_model(model)
-            rates = [median_rate(lambda: generate_withcache(model, [[1]], NEW, temperature=0.0), NEW, args.runs),
-                     median_rate(lambda: generate_withcache(model, [[1]], NEW, temperature=0.0, decode_fn=compiled),
-                                 NEW, args.runs),
-                     median_rate(lambda: hf.generate(torch.tensor([[1]]), max_new_tokens=NEW, min_new_tokens=NEW,
-                                                     do_sample=False), NEW, args.runs),
-                     median_rate(lambda: llama_cpp_tokens(llm, 1, NEW), NEW, args.runs)]
+            cpp_default = median_rate(lambda: llama_cpp_tokens(llm, 1, NEW), NEW, args.runs)
             llm.close()
-            rows.append([name] + [f"{r:,.0f}" for r in rates]
-                        + [f"{rates[3] / rates[1]:.2f}x", f"{rates[3] / rates[2]:.2f}x"])
+            cpp_best, flags_best = cpp_default, "defaults"
+            for flags_name, flags in best_flags.items():
+                other = llama(**flags)
+                rate = median_rate(lambda: llama_cpp_tokens(other, 1, NEW), NEW, args.runs)
+                other.close()
+                if rate > cpp_best:
+                    cpp_best, flags_best = rate, flags_name
+            best_names.append(f"{name}: ours {k_best} tokens/call, llama.cpp {flags_best}")
+            rows.append([name, f"{eager:,.0f}", f"{default:,.0f}", f"{per_k[k_best]:,.0f}", f"{hf_rate:,.0f}",
+                         f"{cpp_default:,.0f}", f"{cpp_best:,.0f}", f"{default / cpp_default:.2f}x",
+                         f"{per_k[k_best] / cpp_best:.2f}x", f"{cpp_default / hf_rate:.2f}x"])
+            print(" | ".join(rows[-1]), flush=True)
     print_table(f"Greedy generation, batch 1, {NEW} new tokens from BOS, tokens/s (median of {args.runs}); llama.cpp "
-                f"as vendored by llama-cpp-python {llama_cpp.__version__} ({threads} threads, fp32 GGUF, its default "
-                f"settings: fp16 KV cache)",
-                ["model", "ours, eager", "ours, compiled", "HF generate", "llama.cpp", "llama.cpp / ours compiled",
-                 "llama.cpp / HF"], rows)
-    print("\nllama.cpp's greedy tokens against ours: " + "; ".join(agree))
+                f"as vendored by llama-cpp-python {llama_cpp.__version__} ({threads} threads, fp32 GGUF)",
+                ["model", "ours, eager", "ours, compiled, default flags", "ours, compiled, best flags", "HF generate",
+                 "llama.cpp, default flags", "llama.cpp, best flags", "ours / llama.cpp, default flags",
+                 "ours / llama.cpp, best flags", "llama.cpp / HF"], rows)
+    print("\nbest flags: " + "; ".join(best_names))
+    print("llama.cpp's greedy tokens against ours: " + "; ".join(agree))
 
 
 if __name__ == "__main__":

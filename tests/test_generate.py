@@ -129,7 +129,7 @@ def test_sample_py_refuses_bad_sampling_flags():
     ckpt = shared_path("stories260K", "stories260K.pt")
     for flag, message in (("--temperature=-1.0", "temperature must be >= 0"), ("--top_p=0.0", "top_p must be in"),
                           ("--max_new_tokens=0", "--max_new_tokens must be >= 1"),
-                          ("--tokens_per_call=0", "--tokens_per_call must be >= 1"),
+                          ("--tokens_per_call=-1", "--tokens_per_call must be >= 1, or 0 for auto"),
                           ("--compile=sometimes", "--compile must be auto, True or False")):
         proc = run_in_process([script("sample.py"), f"--checkpoint={ckpt}", flag])
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
@@ -177,8 +177,9 @@ def test_compiled_decode_compiles_once_across_steps_and_calls(stories260k):
     torch._dynamo.config.error_on_recompile = True
     try:  # the steps read 64, 128, then 192 cache positions (one dynamic length); then other prompts, same
         # batch size and cache bucket: not a single recompilation
-        first = generate_withcache(model, [[1], [1, 14]], 150, temperature=0.0, decode_fn=decode)
-        second = generate_withcache(model, [[1, 20, 30], [1]], 151, temperature=0.0, decode_fn=decode)
+        first = generate_withcache(model, [[1], [1, 14]], 150, temperature=0.0, decode_fn=decode, tokens_per_call=1)
+        second = generate_withcache(model, [[1, 20, 30], [1]], 151, temperature=0.0, decode_fn=decode,
+                                    tokens_per_call=1)
     finally:
         torch._dynamo.config.error_on_recompile = False
     assert first[0] == generate_withcache(model, [[1]], 150, temperature=0.0)[0]
@@ -199,7 +200,7 @@ def test_compiled_decode_equals_eager_for_few_and_many_rows():
     for batch in (1, 12, 1):
         prompts = [[1 + (i * 7 + j) % 60 for j in range(1 + i % 5)] for i in range(batch)]
         eager = generate_withcache(model, prompts, 40, temperature=0.0)
-        assert generate_withcache(model, prompts, 40, temperature=0.0, decode_fn=decode) == eager
+        assert generate_withcache(model, prompts, 40, temperature=0.0, decode_fn=decode, tokens_per_call=1) == eager
         tokens, pos = torch.tensor([[3]] * batch), torch.arange(batch) + 5
         with torch.inference_mode():
             torch.testing.assert_close(step(tokens, pos), decode_step(model, tokens, pos), atol=1e-5, rtol=1e-5)
@@ -234,13 +235,35 @@ def test_several_tokens_per_call_and_sampling_in_the_compiled_graph():
         generate_withcache(model, prompts, 5, tokens_per_call=0)
 
 
+def test_tokens_per_call_is_chosen_by_the_size_of_a_step(stories260k):
+    """Unnamed, a compiled decode step runs AUTO_TOKENS_PER_CALL steps per call where a step is little work (260K at
+    batch 1 and 32) and one elsewhere (15M; eager decoding); a named value is kept. Every choice gives the same
+    tokens."""
+    import generate as gen_module
+    model, _ = stories260k
+    big = Transformer(ModelArgs(dim=288, n_layers=6, n_heads=6, vocab_size=32000, max_seq_len=256))
+    assert gen_module.auto_tokens_per_call(model, 1) == gen_module.auto_tokens_per_call(model, 32) == 4
+    assert gen_module.auto_tokens_per_call(big, 1) == 1 and gen_module.auto_tokens_per_call(model, 64) == 1
+    seen = []
+
+    def decode(tokens, input_pos, uniforms, *rest):  # eager decode_tokens, recording the steps per call
+        seen.append(uniforms.size(1))
+        return decode_tokens(model, tokens, input_pos, uniforms, *rest)
+    prompts = [[1], [1, 14, 29]]
+    one = generate_withcache(model, prompts, 40, temperature=0.0)
+    assert generate_withcache(model, prompts, 40, temperature=0.0, decode_fn=decode) == one and set(seen) == {4}
+    seen.clear()
+    assert generate_withcache(model, prompts, 40, temperature=0.0, decode_fn=decode, tokens_per_call=2) == one
+    assert set(seen) == {2}
+
+
 @pytest.mark.slow
 def test_golden_story_with_compiled_decode(greedy_text, tmp_path):
     proc = run([script("sample.py"), f"--checkpoint={shared_path('stories260K', 'stories260K.pt')}",
                 f"--tokenizer={shared_path('stories260K', 'tok512.model')}", "--temperature=0.0",
                 "--max_new_tokens=500", "--compile=True"])
     assert proc.stdout == greedy_text + "\n"
-    assert "compiled" in proc.stderr
+    assert "compiled" in proc.stderr and "4 tokens per call" in proc.stderr  # chosen automatically
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import http.server
 import io
 import json
 import os
+import re
 import tarfile
 import threading
 
@@ -65,13 +66,16 @@ def pipeline(tmp_path, url, vocab_size, iters):
     assert all(k in rows[0] for k in ("iter", "lr", "dt_ms", "tok_per_s"))
 
     # resume for a few more iterations: continues from the saved iteration and loss
-    n_rows = len(read_metrics(out))
     proc = run([script("train.py"), *common, "--init_from=resume", f"--max_iters={iters + 10}",
                 "--eval_interval=1000", "--log_interval=1"], env=env)
     assert "Resuming training" in proc.stdout
-    resumed = [r for r in read_metrics(out)[n_rows:] if "loss" in r]
-    assert resumed[0]["iter"] in (iters, iters + 1)  # the last checkpoint: the eval at iters or the final one
+    start = int(re.search(r"^(\d+) \| loss", proc.stdout, re.M).group(1))
+    assert start in (iters, iters + 1)  # the last checkpoint: the eval at iters or the final one
+    rows = [r for r in read_metrics(out) if "loss" in r]
+    resumed = [r for r in rows if r["iter"] >= start]
     assert resumed[0]["loss"] < first - 1.0  # it did not start over
+    # the log holds each iteration once: what the first run logged past the checkpoint was cut on resume
+    assert [r["iter"] for r in rows] == sorted({r["iter"] for r in rows}) and rows[-1]["iter"] == iters + 10
 
     sample = run([script("sample.py"), f"--checkpoint={out}/ckpt.pt", "--start=Once upon a time",
                   "--max_new_tokens=40", "--temperature=0.5", "--num_samples=2"], env=env)
