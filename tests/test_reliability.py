@@ -14,7 +14,7 @@ import torch
 
 import checkpoint
 import utils
-from conftest import REPO, run, script, shared_path
+from conftest import REPO, first_difference, killed_run, logged, run, script, shared_path
 from tinystories import DataError, download_file
 
 MODEL = ["--vocab_source=custom", "--vocab_size=300", "--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2",
@@ -58,6 +58,35 @@ def test_graceful_stop_and_exact_resume(data, tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+
+
+def test_pretraining_killed_anywhere_resumes_bitwise(data, tmp_path):
+    """kill -9 halfway through the second save of ckpt.pt, then twice at a random moment after a random iteration's
+    log line, each time --init_from=resume: the end is bitwise the uninterrupted run's (weights, optimizer, RNG and
+    data position, the metrics), and each kill costs at most the iterations since the last save (every 4 here)."""
+    import random
+    import re
+    root, env = data
+    args = [*MODEL, "--max_iters=24", "--eval_interval=4", "--always_save_checkpoint=True", "--log_interval=1"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run([script("train.py"), f"--out_dir={straight}", *args], env=env)
+    rng = random.Random(0)
+    kills = [dict(die_at_save=2, save_name="ckpt.pt")] + [
+        dict(kill_at=rf"^{rng.randint(lo, lo + 3)} \| loss", delay=rng.uniform(0.0, 0.2)) for lo in (9, 17)]
+    done = []  # the iterations each run finished
+    for i, kill in enumerate(kills):
+        resume = ["--init_from=resume"] if i else []
+        code, out = killed_run([script("train.py"), f"--out_dir={killed}", *args, *resume], env, **kill)
+        assert code in (137, -9), out[-2000:]
+        done += re.findall(r"^(\d+) \| loss", out, re.M)
+    out = run([script("train.py"), f"--out_dir={killed}", *args, "--init_from=resume"], env=env).stdout
+    done += re.findall(r"^(\d+) \| loss", out, re.M)
+    assert 0 <= len(done) - 25 <= 4 * len(kills), done  # iterations 0..24 once, plus at most 4 per kill
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (straight, killed))
+    for ck in (a, b):  # the settings that differ by design
+        del ck["config"]["out_dir"], ck["config"]["init_from"]
+    assert first_difference(a, b) is None, first_difference(a, b)
+    assert logged(straight / "metrics.jsonl") == logged(killed / "metrics.jsonl")
 
 
 def test_atomic_write_keeps_the_old_file_when_a_save_fails(tmp_path, monkeypatch, capsys):
