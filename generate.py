@@ -185,8 +185,9 @@ def generate_withcache(model, prompt_tokens: List[List[int]], max_gen_len: int, 
     out of budget or context).
     decode_fn: optional replacement for decode_tokens(model, ...), e.g. compile_decode(model).
     tokens_per_call: decode steps per decode_fn call (the same tokens for any value; a compiled decode_fn
-    compiles once per value); None: auto_tokens_per_call with a decode_fn, else 1. Sampling draws one uniform per row and token from generator (default: torch's
-    global generator), so a seed gives the same stories eager or compiled. Eager decoding (no decode_fn) drops the
+    compiles once per value); None: auto_tokens_per_call with a decode_fn, else 1. Sampling draws one uniform
+    per row and token from generator (default: torch's global generator), so a seed gives the same stories eager
+    or compiled. Eager decoding (no decode_fn) drops the
     rows that finished from the batch as it goes, each row keeping its own uniforms: the same stories, fewer steps'
     work when lengths vary (a compiled step is compiled for one batch size, so it keeps them all)."""
     check_sampling_args(temperature, top_k, top_p)

@@ -399,8 +399,8 @@ def tiny_chain(tmp_path_factory):
                 "--top_fraction=0.05"],
         "reward_model": [*stage("reward_model"), *common, f"--policy={sft}", "--n_train_prompts=8",
                          "--n_heldout_prompts=4", "--samples_per_prompt=3", "--batch_size=2", "--epochs=1"],
-        "dpo": [*stage("dpo"), f"--policy={sft}", f"--pairs={out / 'reward_model' / 'pool_train.jsonl'}", "--batch_size=2",
-                "--epochs=1"],
+        "dpo": [*stage("dpo"), f"--policy={sft}", f"--pairs={out / 'reward_model' / 'pool_train.jsonl'}",
+                "--batch_size=2", "--epochs=1"],
         "grpo": [*stage("grpo"), *common, f"--policy={sft}", f"--reward={rm}", "--prompts_per_iter=2",
                  "--group_size=2", "--max_iters=3", "--mini_batch_size=2", "--save_interval=1"],
         "ppo_rlhf": [*stage("ppo_rlhf"), *common, f"--policy={sft}", f"--reward={rm}", "--rollouts=4",
@@ -428,12 +428,9 @@ def test_every_stage_runs_tiny_and_seeded(tiny_chain):
                                    for r in pool)
     assert (out / "grpo" / "ckpt_1.pt").exists() and (out / "grpo" / "ckpt.pt").exists()
     assert not any((out / name / "state.pt").exists() for name in tiny_chain["args"])  # removed once finished
-    # seeded: the same stage run again is the same run, bit for bit (every logged number but the times, the weights)
-    run([*tiny_chain["args"]["grpo"], f"--out_dir={out / 'grpo_again'}"], env=env)
-    first, again = (logged(out / d / "metrics.jsonl") for d in ("grpo", "grpo_again"))
-    assert first == again and len(first) == 3
-    a, b = (torch.load(out / d / "ckpt.pt", weights_only=True)["model"] for d in ("grpo", "grpo_again"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # seeded: each stage run again is the same run, bit for bit (its result and every logged number but the times),
+    # checked by test_a_killed_stage_continues_where_it_stopped_bitwise against these runs
+    assert len(logged(out / "grpo" / "metrics.jsonl")) == 3
     rows = [json.loads(x) for x in open(out / "ppo_rlhf" / "metrics.jsonl")]
     assert [r["iter"] for r in rows] == [1, 2, 3] and all(0.0 <= r["gold_mean"] <= 1.0 for r in rows)
     run([*stage("best_of_n"), *common, f"--policy={sft}", f"--reward={rmp}", f"--out_dir={out}",
@@ -456,9 +453,9 @@ def test_every_stage_runs_tiny_and_seeded(tiny_chain):
 @pytest.mark.parametrize("name", ["sft", "reward_model", "dpo", "grpo", "ppo_rlhf"])
 def test_a_killed_stage_continues_where_it_stopped_bitwise(tiny_chain, tmp_path, name):
     """kill -9 halfway through the stage's second save of where it is (state.pt, every iteration with
-    --resume_every=0), then at a random moment after it continued; each time the same command again. The stage continues from the
-    last complete save (redoing only the iteration whose save was cut) and ends bitwise as the uninterrupted run:
-    its result, its metrics; and the run state is gone once it is done."""
+    --resume_every=0), then (SFT, GRPO, PPO) at a random moment after it continued; each time the same command
+    again. The stage continues from the last complete save (redoing only the iteration whose save was cut) and ends
+    bitwise as the uninterrupted run: its result, its metrics; and the run state is gone once it is done."""
     args = [*tiny_chain["args"][name], f"--out_dir={tmp_path / name}", "--resume_every=0"]
     first = 1 if name in ("grpo", "ppo_rlhf") else 0  # the stage's first iteration
     code, out = killed_run(args, tiny_chain["env"], die_at_save=2)
@@ -469,9 +466,11 @@ def test_a_killed_stage_continues_where_it_stopped_bitwise(tiny_chain, tmp_path,
         assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(
             f"error: {tmp_path / name / 'state.pt'} is an unfinished run with other settings (learning_rate="), \
             proc.stderr[-1000:]
-    code, out = killed_run(args, tiny_chain["env"], kill_at="continuing the unfinished run",
-                           delay=random.Random(name).uniform(0.0, 1.0))  # a random moment of the rest
-    assert code in (0, -9), out[-2000:]
+    code, out = -9, ""
+    if name in ("sft", "grpo", "ppo_rlhf"):  # (DPO and the reward model skip done steps as SFT does: time saved)
+        code, out = killed_run(args, tiny_chain["env"], kill_at="continuing the unfinished run",
+                               delay=random.Random(name).uniform(0.0, 1.0))  # a random moment of the rest
+        assert code in (0, -9), out[-2000:]
     if code != 0:  # killed (not finished first): the same command again
         out += run(args, env=tiny_chain["env"]).stdout
     # the first continuation starts after the one complete save: only the iteration whose save was cut is redone
