@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from cpu_kernels import ATTENTION_CHUNK
 from generate import generate_withcache
 from utils import repeated_ngram_rate
 
@@ -286,6 +287,12 @@ def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange, agg
     return loss, masked_mean(clipped.float(), mask), ratio, clipped
 
 
+def trimmed_width(length, width):
+    """The columns a group of rows needs: its longest row rounded up to the attention's chunk (so every row's numbers
+    are the full width's, bit for bit: the chunks, and the keys each reads, stay the same), at most width."""
+    return min(width, -(-length // ATTENTION_CHUNK) * ATTENTION_CHUNK)
+
+
 # -----------------------------------------------------------------------------
 
 class PPOTrainer:
@@ -347,34 +354,44 @@ class PPOTrainer:
                              response_masks=None):
         """Log-probs of each next token, values, response masks and (with a stop_token_id) the log-prob of
         stopping, for the whole batch, computed in mini_batch_size chunks. Index t of the outputs scores token
-        t+1 given tokens 0..t. Returns (logprobs, logits or None, values or None, masks, stop_logprobs or None)."""
+        t+1 given tokens 0..t. Returns (logprobs, logits or None, values or None, masks, stop_logprobs or None).
+        The chunks take the rows in order of length, each cut to its own width (trimmed_width): a row's numbers are
+        those of the full-width batch, bit for bit, and the padding's are 0 (every loss masks it)."""
         fbs, stop = self.config.mini_batch_size, self.config.stop_token_id
-        all_logprobs, all_logits, all_values, all_masks, all_stop = [], [], [], [], []
         input_ids = model_inputs["input_ids"]
-        for i in range(0, len(queries), fbs):
-            ids = input_ids[i: i + fbs]
-            logits, values = self._forward(model, ids)
+        n, T = input_ids.shape
+        lengths = [len(q) + len(r) for q, r in zip(queries, responses)]
+        masks = torch.zeros(n, T - 1, device=self.device)
+        for j in range(n):
+            start = len(queries[j]) - 1  # the logprob of the first response token sits here
+            end = start + len(responses[j])
+            masks[j, start:end] = 1
+            if response_masks is not None:
+                masks[j, start:end] *= response_masks[j].to(masks.dtype)
+        logprobs = torch.zeros(n, T - 1, device=self.device)
+        stop_logprobs = torch.zeros(n, T - 1, device=self.device) if stop is not None else None
+        values = all_logits = None
+        by_length = sorted(range(n), key=lambda j: lengths[j])
+        for i in range(0, n, fbs):
+            rows = by_length[i: i + fbs]
+            width = trimmed_width(max(lengths[j] for j in rows), T)
+            rows = torch.tensor(rows, device=self.device)
+            ids = input_ids[rows, :width]
+            logits, chunk_values = self._forward(model, ids)
             logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-            logprobs = torch.gather(logp, 2, ids[:, 1:].unsqueeze(2)).squeeze(-1)  # = logprobs_from_logits
+            logprobs[rows, : width - 1] = torch.gather(logp, 2, ids[:, 1:].unsqueeze(2)).squeeze(-1)
             if stop is not None:
-                all_stop.append(logp[..., stop])
+                stop_logprobs[rows, : width - 1] = logp[..., stop]
             del logp
-            masks = torch.zeros_like(logprobs)
-            for j in range(len(ids)):
-                start = len(queries[i + j]) - 1  # the logprob of the first response token sits here
-                end = start + len(responses[i + j])
-                masks[j, start:end] = 1
-                if response_masks is not None:
-                    masks[j, start:end] *= response_masks[i + j].to(masks.dtype)
-            all_logprobs.append(logprobs)
-            all_masks.append(masks)
-            if values is not None:
-                all_values.append(values[:, :-1].float())
+            if chunk_values is not None:
+                if values is None:
+                    values = torch.zeros(n, T - 1, device=self.device)
+                values[rows, : width - 1] = chunk_values[:, :-1].float()
             if return_logits:
-                all_logits.append(logits[:, :-1])
-        return (torch.cat(all_logprobs), torch.cat(all_logits) if return_logits else None,
-                torch.cat(all_values) if all_values else None, torch.cat(all_masks),
-                torch.cat(all_stop) if all_stop else None)
+                if all_logits is None:
+                    all_logits = logits.new_zeros(n, T - 1, logits.size(-1))
+                all_logits[rows, : width - 1] = logits[:, :-1]
+        return logprobs, all_logits, values, masks, stop_logprobs
 
     def _kl_penalty(self, logprob, ref_logprob):
         return kl_estimate(logprob, ref_logprob, self.config.kl_penalty)
@@ -513,24 +530,29 @@ class PPOTrainer:
         t = time.time()
         input_ids = model_inputs["input_ids"]
         is_stop = input_ids[:, 1:] == cfg.stop_token_id if cfg.stop_token_id is not None else None
+        lengths = [len(q) + len(r) for q, r in zip(queries, responses)]
         all_stats = []
         for epoch in range(cfg.ppo_epochs):
             epoch_stats = []
-            perm = torch.randperm(bs, generator=self.rng).to(self.device)
+            perm = torch.randperm(bs, generator=self.rng)
             for b_start in range(0, bs, cfg.backward_batch_size):
                 for m_start in range(b_start, b_start + cfg.backward_batch_size, cfg.mini_batch_size):
-                    mb = perm[m_start: m_start + cfg.mini_batch_size]
+                    rows = perm[m_start: m_start + cfg.mini_batch_size]
                     if self.is_ddp:  # sync gradients in the backward of the last micro-batch only
                         self.model.require_backward_grad_sync = \
                             m_start + cfg.mini_batch_size >= b_start + cfg.backward_batch_size
-                    mb_logits, vpreds = self._forward(self.model, input_ids[mb])
-                    mb_logprobs = logprobs_from_logits(mb_logits[:, :-1], input_ids[mb, 1:])
+                    # the minibatch cut to its own width: its rows' log-probs are the no-grad pass's, bit for bit
+                    width = trimmed_width(max(lengths[j] for j in rows.tolist()), input_ids.size(1))
+                    mb, cols = rows.to(self.device), slice(0, width - 1)
+                    mb_ids = input_ids[mb, :width]
+                    mb_logits, vpreds = self._forward(self.model, mb_ids)
+                    mb_logprobs = logprobs_from_logits(mb_logits[:, :-1], mb_ids[:, 1:])
                     loss, train_stats = self.compute_loss(
-                        logprobs[mb], values[mb], mb_logprobs, mb_logits[:, :-1], vpreds[:, :-1].float(), masks[mb],
-                        advantages[mb], returns[mb], ref_logprobs[mb],
-                        None if ref_stop_logprobs is None else ref_stop_logprobs[mb],
-                        None if is_stop is None else is_stop[mb],
-                        None if stop_logprobs is None else stop_logprobs[mb])
+                        logprobs[mb, cols], values[mb, cols], mb_logprobs, mb_logits[:, :-1], vpreds[:, :-1].float(),
+                        masks[mb, cols], advantages[mb, cols], returns[mb, cols], ref_logprobs[mb, cols],
+                        None if ref_stop_logprobs is None else ref_stop_logprobs[mb, cols],
+                        None if is_stop is None else is_stop[mb, cols],
+                        None if stop_logprobs is None else stop_logprobs[mb, cols])
                     if cfg.ptx_coef > 0:  # keep the pre-training distribution while chasing the reward
                         with self.autocast():
                             ptx_loss = self.ptx_loss_fn()

@@ -90,8 +90,8 @@ def stop_diagnostics(batch, target_length, kl_on_stop=True, kl_mode="loss", widt
         return (adv * where).sum().item() / max(1.0, where.sum().item())
     last10 = masks * (masks.flip(1).cumsum(1).flip(1) <= 10)
     eps = 1e-12
-    stop_kl = (p * (torch.log(p + eps) - torch.log(q + eps))
-               + (1 - p) * (torch.log1p(-p + eps) - torch.log1p(-q + eps))) * masks
+    stop_kl = torch.where(masks > 0, p * (torch.log(p + eps) - torch.log(q + eps))
+                          + (1 - p) * (torch.log1p(-p + eps) - torch.log1p(-q + eps)), 0.0)  # padding: p = q = 1
     kl_per_story = ((batch["logprobs"] - batch["ref_logprobs"]) * masks).sum(1).mean()
     return {"stop/p_policy_near_target": (p * near).sum().item() / max(1.0, near.sum().item()),
             "stop/p_ref_near_target": (q * near).sum().item() / max(1.0, near.sum().item()),

@@ -575,6 +575,46 @@ def test_first_minibatch_ratio_is_exactly_one_and_nothing_is_clipped():
     assert first["policy"]["policykl"].item() == 0.0
 
 
+def test_forward_pass_by_length_equals_the_full_width_batch():
+    """The no-grad pass takes the rows in order of length, each chunk cut to its own width: every response token's
+    log-prob, value and stop log-prob is the full-width batch's, bit for bit (it fails if a chunk's width is not a
+    multiple of the attention's chunk, or a row's outputs land in another row)."""
+    cfg = PPOConfig(batch_size=16, mini_batch_size=4, stop_token_id=3)
+    trainer = make_trainer(cfg)
+    queries, responses, _ = rollouts(16, r_len=(1, 58))
+    inputs = trainer.prepare_model_inputs(queries, responses)
+    assert max(len(q) + len(r) for q, r in zip(queries, responses)) - \
+        min(len(q) + len(r) for q, r in zip(queries, responses)) > 32  # several widths
+    with torch.no_grad():
+        logprobs, _, values, masks, stop_logprobs = trainer.batched_forward_pass(trainer.model, queries, responses,
+                                                                                 inputs)
+        out = trainer.model(inputs["input_ids"])
+    logp = torch.log_softmax(out.logits[:, :-1].float(), -1)
+    expected = torch.gather(logp, 2, inputs["input_ids"][:, 1:].unsqueeze(2)).squeeze(-1)
+    on = masks.bool()
+    assert on.sum() == sum(len(r) for r in responses)
+    assert torch.equal(logprobs[on], expected[on])
+    assert torch.equal(values[on], out.values[:, :-1].float()[on])
+    assert torch.equal(stop_logprobs[on], logp[..., 3][on])
+
+
+def test_first_minibatch_ratio_is_exactly_one_with_rows_of_many_widths():
+    """Each training minibatch is cut to its own width too: its first ratio stays exactly 1."""
+    trainer = make_trainer(PPOConfig(batch_size=16, mini_batch_size=4))
+    seen = []
+    original = trainer.compute_loss
+
+    def spy(*args):
+        loss, stats = original(*args)
+        seen.append((args[5].size(1), stats))
+        return loss, stats
+
+    trainer.compute_loss = spy
+    trainer.step(*rollouts(16, r_len=(1, 58)))
+    assert seen[0][1]["policy"]["ratio"] == 1.0 and seen[0][1]["policy"]["policykl"].item() == 0.0
+    assert len({width for width, _ in seen}) > 1  # the minibatches were cut to different widths
+
+
 def test_without_a_critic_every_token_gets_its_storys_whitened_return():
     """value_baseline=False: the advantage of every response token is its story's score, whitened over the batch's
     tokens (kl_mode="loss": the score is the whole return), and the value head is left untrained."""
