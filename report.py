@@ -134,10 +134,9 @@ def build_report(folder):
         if os.path.isfile(path):
             with open(path) as f:
                 extra[key] = json.load(f)
-    timings = os.path.join(folder, "timings.tsv")
-    if os.path.isfile(timings):
-        with open(timings) as f:
-            extra["timings_s"] = {k: int(v) for k, v in (line.split("\t") for line in f if line.strip())}
+    timings = read_timings(folder)
+    if timings:
+        extra["timings_s"] = {k: round(v) for k, v in timings.items()}
     base = evals.get("sft")
     rows = []
     for name_, e in evals.items():
@@ -226,8 +225,9 @@ def build_report(folder):
         lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |" for t in extra["targets"]]
     if "timings_s" in extra:
         t = extra["timings_s"]
-        lines += ["", f"Wall time of the stages (s): {', '.join(f'{k} {v}' for k, v in t.items())}; "
-                  f"total {sum(t.values())} s."]
+        stages = {k: v for k, v in t.items() if k != "wall"}
+        lines += ["", f"Time of the stages (s): {', '.join(f'{k} {v}' for k, v in stages.items())}; "
+                  f"their sum {sum(stages.values())} s" + (f", wall clock {t['wall']} s." if "wall" in t else ".")]
     with atomic_write(os.path.join(folder, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -296,9 +296,12 @@ def targets(evals, extra):
             one = extra["bon"]["rows"][0]["gold_by_rm"]
             add("best-of-16 by the RM >= SFT + 0.05", f"{rows[0]['gold_by_rm']:.3f} vs best-of-1 (SFT) {one:.3f}",
                 rows[0]["gold_by_rm"] >= one + 0.05)
-    if "timings_s" in extra:
-        total = sum(extra["timings_s"].values())
-        add("the chain in <= 30 minutes", f"{total / 60:.1f} min (the stages' sum)", total <= 1800)
+    if "timings_s" in extra:  # the wall clock of the run's invocations (two lanes overlap), else the stages' sum
+        t = extra["timings_s"]
+        stages_sum = sum(v for k, v in t.items() if k != "wall")
+        total = t.get("wall", stages_sum)
+        add("the chain in <= 15 minutes", f"{total / 60:.1f} min wall clock (the stages' sum: {stages_sum / 60:.1f})"
+            if "wall" in t else f"{total / 60:.1f} min (the stages' sum)", total <= 900)
     return out
 
 

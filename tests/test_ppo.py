@@ -599,8 +599,9 @@ def test_forward_pass_by_length_equals_the_full_width_batch():
 
 
 def test_first_minibatch_ratio_is_exactly_one_with_rows_of_many_widths():
-    """Each training minibatch is cut to its own width too: its first ratio stays exactly 1."""
-    trainer = make_trainer(PPOConfig(batch_size=16, mini_batch_size=4))
+    """Each training minibatch is cut to its own width too, and forwarded in groups of similar length: its first
+    ratio stays exactly 1."""
+    trainer = make_trainer(PPOConfig(batch_size=16, mini_batch_size=4, forward_batch_size=2))
     seen = []
     original = trainer.compute_loss
 
@@ -632,8 +633,9 @@ def test_without_a_critic_every_token_gets_its_storys_whitened_return():
     queries, responses, scores = rollouts(8)
     trainer.step(queries, responses, scores)
     mask, adv = seen[0]
-    perm = torch.randperm(8, generator=torch.Generator().manual_seed(cfg.seed))  # the step's minibatch order
-    lengths = torch.tensor([len(responses[i]) for i in perm.tolist()], dtype=torch.float32)
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(cfg.seed)).tolist()  # the step's shuffle,
+    perm = sorted(perm, key=lambda i: len(queries[i]) + len(responses[i]))  # then each minibatch by length
+    lengths = torch.tensor([len(responses[i]) for i in perm], dtype=torch.float32)
     s = torch.stack(scores)[perm]
     mean = (s * lengths).sum() / lengths.sum()  # over tokens
     var = ((s - mean) ** 2 * lengths).sum() / (lengths.sum() - 1)
