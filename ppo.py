@@ -298,6 +298,30 @@ def trimmed_width(length, width):
     return min(width, -(-length // ATTENTION_CHUNK) * ATTENTION_CHUNK)
 
 
+def forward_by_length(forward, input_ids, lengths, group_size):
+    """forward(ids) -> (logits, values or None) over the rows of input_ids (B, T) in groups of group_size rows of
+    similar length (taken in order of length), each group cut to its own width; the outputs padded back with 0 to T,
+    in input_ids' row order. Each row's outputs are the full-width batch's, bit for bit (trimmed_width); the padding
+    costs nothing. lengths: each row's tokens, padding excluded."""
+    width = input_ids.size(1)
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    all_logits, all_values = [], []
+    for i in range(0, len(order), group_size):
+        rows = order[i: i + group_size]
+        w = trimmed_width(max(1, lengths[rows[-1]]), width)
+        logits, values = forward(input_ids[torch.tensor(rows, device=input_ids.device), :w])
+        all_logits.append(F.pad(logits, (0, 0, 0, width - w)))
+        if values is not None:
+            all_values.append(F.pad(values, (0, width - w)))
+    logits, values = torch.cat(all_logits), torch.cat(all_values) if all_values else None
+    if order != sorted(order):  # back to the callers' order
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        inverse = inverse.to(input_ids.device)
+        logits, values = logits[inverse], values[inverse] if values is not None else None
+    return logits, values
+
+
 # -----------------------------------------------------------------------------
 
 class PPOTrainer:
@@ -354,19 +378,6 @@ class PPOTrainer:
         with self.autocast():
             out = model(input_ids)
         return out.logits, out.values  # values: None for the reference model, which has no value head
-
-    def forward_by_length(self, model, input_ids, lengths):
-        """Logits and values of input_ids (rows in order of length), forward_batch_size rows at a time, each group cut
-        to its own width and its outputs padded back with 0 to input_ids' width."""
-        width, fbs = input_ids.size(1), self.config.forward_batch_size
-        all_logits, all_values = [], []
-        for i in range(0, len(lengths), fbs):
-            w = trimmed_width(max(lengths[i: i + fbs]), width)
-            logits, values = self._forward(model, input_ids[i: i + fbs, :w])
-            all_logits.append(F.pad(logits, (0, 0, 0, width - w)))
-            if values is not None:
-                all_values.append(F.pad(values, (0, width - w)))
-        return torch.cat(all_logits), torch.cat(all_values) if all_values else None
 
     def batched_forward_pass(self, model, queries, responses, model_inputs, return_logits=False,
                              response_masks=None):
@@ -564,7 +575,8 @@ class PPOTrainer:
                     width = trimmed_width(lengths[rows[-1]], input_ids.size(1))
                     mb, cols = torch.tensor(rows, device=self.device), slice(0, width - 1)
                     mb_ids = input_ids[mb, :width]
-                    mb_logits, vpreds = self.forward_by_length(self.model, mb_ids, [lengths[j] for j in rows])
+                    mb_logits, vpreds = forward_by_length(lambda ids: self._forward(self.model, ids), mb_ids,
+                                                          [lengths[j] for j in rows], cfg.forward_batch_size)
                     mb_logprobs = logprobs_from_logits(mb_logits[:, :-1], mb_ids[:, 1:])
                     loss, train_stats = self.compute_loss(
                         logprobs[mb, cols], values[mb, cols], mb_logprobs, mb_logits[:, :-1], vpreds[:, :-1].float(),

@@ -89,6 +89,7 @@ max_gen_len = 300  # new tokens per rollout at most
 target_len = 200  # the story length (query + response tokens) the reward asks for
 rollouts = 0  # rollouts per PPO iteration; 0 = 8 * batch_size, as the reference
 ppo_epochs = 4
+forward_batch_size = 32  # rollouts per forward in a PPO step, taken in order of length (ppo.PPOConfig)
 init_kl_coef = 0.2  # beta of the per-token KL penalty against the frozen reference model
 adap_kl_ctrl = True  # adapt beta towards adap_kl_target (Ziegler et al. 2019)
 adap_kl_target = 6.0  # the KL to the reference (nats per story) the adaptive beta aims at (TRL: target)
@@ -178,7 +179,7 @@ if ppo:  # every PPO setting is checked here, before anything is loaded
             cliprange=cliprange, cliprange_value=cliprange_value, vf_coef=vf_coef, value_baseline=value_baseline,
             pg_on_content=pg_on_content,
             batch_size=rollouts or 8 * batch_size,
-            mini_batch_size=batch_size,
+            mini_batch_size=batch_size, forward_batch_size=forward_batch_size,
             gradient_accumulation_steps=gradient_accumulation_steps, ppo_epochs=ppo_epochs,
             max_grad_norm=grad_clip or None, early_stopping=True, target_kl=early_stop_kl, ptx_coef=ptx_coef)
     except ValueError as e:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from checkpoint import load_checkpoint, model_checkpoint, model_from_checkpoint, save_checkpoint
 from export import load_model
 from generate import compile_decode, generate_withcache
-from ppo import logprobs_from_logits
+from ppo import forward_by_length, logprobs_from_logits
 from tasks.arithmetic import ArithmeticTask
 from tasks.common import Example, gold_of
 from tasks.instruct import InstructTask
@@ -290,10 +290,17 @@ def make_batch(prompts, responses, device="cpu"):
     return inputs.to(device), targets.to(device), last.to(device)
 
 
-def response_logprobs(model, inputs, targets):
-    """Per-token log-probabilities of the targets (B, T), zero where targets == -1, and their row sums."""
+def response_logprobs(model, inputs, targets, group_size=0):
+    """Per-token log-probabilities of the targets (B, T), zero where targets == -1, and their row sums.
+    group_size: forward the rows group_size at a time in order of length, each group at its own width (ppo's
+    forward_by_length: the same numbers, less padding); 0: all at once."""
     mask = targets != -1
-    lp = logprobs_from_logits(model(inputs).logits, targets.clamp(min=0)) * mask
+    if group_size:
+        lengths = (mask * torch.arange(1, mask.size(1) + 1, device=mask.device)).amax(1).tolist()
+        logits = forward_by_length(lambda ids: (model(ids).logits, None), inputs, lengths, group_size)[0]
+    else:
+        logits = model(inputs).logits
+    lp = logprobs_from_logits(logits, targets.clamp(min=0)) * mask
     return lp, lp.sum(1)
 
 

@@ -43,7 +43,8 @@ prompts_per_iter = 16
 group_size = 4  # G: stories per prompt
 max_iters = 20
 ppo_epochs = 1
-mini_batch_size = 32  # stories per forward/backward
+mini_batch_size = 32  # stories per backward
+forward_batch_size = 16  # stories per forward, in order of length within a minibatch (>= mini_batch_size: all at once)
 cliprange = 0.2
 beta = 0.02  # the weight of the KL to the initial policy (0: none)
 kl_mode = "reward"  # reward: k1 in the reward; loss: k3 per token in the loss
@@ -58,7 +59,8 @@ compile = "auto"  # compile the rollouts' decode step
 seed = 1337
 # -----------------------------------------------------------------------------
 config = configurator.configure(globals(), sys.argv[1:],
-                                positive=("prompts_per_iter", "max_iters", "ppo_epochs", "mini_batch_size"))
+                                positive=("prompts_per_iter", "max_iters", "ppo_epochs", "mini_batch_size",
+                                          "forward_batch_size"))
 
 
 def main():
@@ -96,8 +98,8 @@ def main():
             old, ref, kl = [], [], []
             for i in range(0, len(samples), mini_batch_size):
                 inputs, targets, _ = make_batch(prompts[i:i + mini_batch_size], responses[i:i + mini_batch_size], dev)
-                lp, _ = response_logprobs(model, inputs, targets)
-                ref.append(response_logprobs(ref_model, inputs, targets)[0])
+                lp, _ = response_logprobs(model, inputs, targets, forward_batch_size)
+                ref.append(response_logprobs(ref_model, inputs, targets, forward_batch_size)[0])
                 old.append(lp)
                 kl += kl_estimate(lp, ref[-1], "k1").sum(1).tolist()
         rewards = [s - beta * k for s, k in zip(scores, kl)] if kl_mode == "reward" else list(scores)
@@ -108,7 +110,7 @@ def main():
         for _ in range(ppo_epochs):  # minibatches in sampling order: old log-probs line up with them
             for k, i in enumerate(range(0, len(samples), mini_batch_size)):
                 inputs, targets, _ = make_batch(prompts[i:i + mini_batch_size], responses[i:i + mini_batch_size], dev)
-                lp, _ = response_logprobs(model, inputs, targets)
+                lp, _ = response_logprobs(model, inputs, targets, forward_batch_size)
                 mask = (targets != -1).float()
                 loss = clipped_policy_loss(lp, old[k][:, : lp.size(1)], adv[i:i + mini_batch_size], mask, cliprange,
                                            loss_agg, the_task.max_gen_len)[0]

@@ -36,6 +36,7 @@ data_dir = ""
 out_dir = "out/rlhf/ppo"
 rollouts = 64  # rollouts per iteration, each on its own prompt
 mini_batch_size = 32
+forward_batch_size = 16  # rollouts per forward, in order of length within a minibatch (PPOConfig)
 ppo_epochs = 2
 max_iters = 12
 learning_rate = 1e-4
@@ -64,7 +65,8 @@ def main():
     try:
         ppoconf = PPOConfig(seed=seed, adap_kl_ctrl=adap_kl_ctrl, init_kl_coef=init_kl_coef, kl_penalty=kl_penalty,
                             kl_mode=kl_mode, lam=lam, vf_coef=vf_coef, cliprange=cliprange, batch_size=rollouts,
-                            mini_batch_size=mini_batch_size, ppo_epochs=ppo_epochs, max_grad_norm=grad_clip or None)
+                            mini_batch_size=mini_batch_size, forward_batch_size=forward_batch_size, ppo_epochs=ppo_epochs,
+                            max_grad_norm=grad_clip or None)
     except ValueError as e:
         fail(e)
     rm = open_reward(reward, device)  # before the slower opening of the stage: a wrong path fails at once

@@ -8,8 +8,8 @@ from conftest import first_difference, killed_run, logged, run, script
 from generate import generate_withcache
 from model import ModelArgs, Transformer, TransformerWithValueHead
 from ppo import (AdaptiveKLController, DualKLController, FixedKLController, PPOConfig, PPOTrainer, clip_by_value,
-                 entropy_from_logits, logprobs_from_logits, masked_mean, masked_var, masked_whiten, ppo_iteration,
-                 without_stop)
+                 entropy_from_logits, forward_by_length, logprobs_from_logits, masked_mean, masked_var, masked_whiten,
+                 ppo_iteration, without_stop)
 from tasks.length import LengthReward, LengthSampler, length_error_lr, stop_diagnostics
 from utils import cosine_lr, repeated_ngram_rate
 
@@ -596,6 +596,26 @@ def test_forward_pass_by_length_equals_the_full_width_batch():
     assert torch.equal(logprobs[on], expected[on])
     assert torch.equal(values[on], out.values[:, :-1].float()[on])
     assert torch.equal(stop_logprobs[on], logp[..., 3][on])
+
+
+def test_forward_by_length_keeps_the_rows_order_and_numbers():
+    """Rows in any order, groups of 3 in order of length: each row's logits and values are the full-width batch's,
+    bit for bit, in the caller's order; the padding is 0."""
+    trainer = make_trainer()
+    g = torch.Generator().manual_seed(1)
+    lengths = [50, 5, 63, 20, 33, 12, 40, 7, 60, 28]  # out of order; the shortest three fit in 32 columns
+    ids = torch.zeros(10, 64, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(3, 32, (n,), generator=g)
+    with torch.no_grad():
+        full = trainer.model(ids)
+        logits, values = forward_by_length(lambda x: trainer._forward(trainer.model, x), ids, lengths, 3)
+    assert logits.shape == full.logits.shape and values.shape == full.values.shape
+    for i, n in enumerate(lengths):
+        assert torch.equal(logits[i, :n], full.logits[i, :n]) and torch.equal(values[i, :n], full.values[i, :n])
+    shortest = sorted(range(10), key=lengths.__getitem__)[:3]  # the first group
+    w = -(-max(lengths[i] for i in shortest) // 32) * 32
+    assert w < 64 and (logits[shortest, w:] == 0).all() and (values[shortest, w:] == 0).all()
 
 
 def test_first_minibatch_ratio_is_exactly_one_with_rows_of_many_widths():

@@ -368,6 +368,21 @@ def test_make_batch_masks_everything_but_the_response():
     assert lp[1, 2:].abs().sum().item() == 0.0
 
 
+
+def test_response_logprobs_in_groups_by_length_are_the_same_numbers():
+    """GRPO's forwards in groups of rows of similar length (each at its own width): the same log-probabilities, bit
+    for bit, row by row, as one forward of the whole batch."""
+    g = random.Random(0)
+    prompts = [[1] + [g.randrange(3, 32) for _ in range(g.randrange(1, 6))] for _ in range(9)]
+    responses = [[g.randrange(3, 32) for _ in range(n)] for n in (40, 2, 55, 9, 30, 1, 58, 17, 33)]
+    inputs, targets, _ = make_batch(prompts, responses)
+    rm = tiny_rm()
+    with torch.no_grad():
+        lp, total = response_logprobs(rm, inputs, targets)
+        for group in (1, 2, 4, 16):
+            lp_g, total_g = response_logprobs(rm, inputs, targets, group)
+            assert torch.equal(lp_g, lp) and torch.equal(total_g, total)
+
 # -----------------------------------------------------------------------------
 # every stage, tiny and seeded, on the TinyStories excerpt
 
