@@ -296,12 +296,12 @@ def targets(evals, extra):
             one = extra["bon"]["rows"][0]["gold_by_rm"]
             add("best-of-16 by the RM >= SFT + 0.05", f"{rows[0]['gold_by_rm']:.3f} vs best-of-1 (SFT) {one:.3f}",
                 rows[0]["gold_by_rm"] >= one + 0.05)
-    if "timings_s" in extra:  # the wall clock of the run's invocations (two lanes overlap), else the stages' sum
+    if "timings_s" in extra:  # the wall clock where the run logged it, else the stages' sum
         t = extra["timings_s"]
         stages_sum = sum(v for k, v in t.items() if k != "wall")
         total = t.get("wall", stages_sum)
-        add("the chain in <= 15 minutes", f"{total / 60:.1f} min wall clock (the stages' sum: {stages_sum / 60:.1f})"
-            if "wall" in t else f"{total / 60:.1f} min (the stages' sum)", total <= 900)
+        add("the chain in <= 30 minutes", f"{total / 60:.1f} min wall clock (the stages' sum: {stages_sum / 60:.1f})"
+            if "wall" in t else f"{total / 60:.1f} min (the stages' sum)", total <= 1800)
     return out
 
 

@@ -2,7 +2,7 @@
 # by control (docs/ppo-length.md, "Holding the band on every seed"). From the bundled stories260K:
 #   cp stories260K/stories260K.pt stories260K/ckpt.pt
 #   python tinystories.py download && python tinystories.py pretokenize --vocab_size=512 --tokenizer=stories260K/tok512.model
-#   python train.py config/ppo_length_cpu.py --seed=1       # 60 iterations, 9-11 minutes on 2 CPU cores
+#   python train.py config/ppo_length_cpu.py --seed=1       # 60 iterations, 9-13 minutes on 2 CPU cores
 # What differs from the seed's command, and why (docs/ppo-length.md has the ablation and "Holding the band"):
 #   kl_mode = "loss": the KL to the reference acts in the loss, token by token, instead of in the reward. In the
 #     reward, every token of a story costs beta * (log pi - log pi_ref), so ending early pays; once

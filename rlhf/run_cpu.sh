@@ -9,32 +9,22 @@
 #   DATA_URL=PATH_OR_URL bash rlhf/run_cpu.sh out/rlhf   # a local copy (or another URL) of the TinyStories archive
 #   SEED=2 bash rlhf/run_cpu.sh out/rlhf_seed2          # another draw of the whole chain (every stage's --seed)
 #
-# After SFT the stages go in two lanes side by side, each on half the cores (at this model's size one process keeps
-# two cores only ~2/3 busy): the reward model, DPO, the long GRPO run and best-of-n in one; the pilot, GRPO on gold
-# (neither needs the reward model), PPO and GRPO on the reward model, the beta = 0 run and most evaluations in the
-# other. Each stage's output goes to OUT_DIR/logs/STAGE.log.
 # Resumable: a stage whose output exists is skipped (delete the output to redo it); a stage that was killed continues
 # from where it last saved (its out_dir/state.pt). Every stage is a script you
-# can run alone as `python -m rlhf.<stage>` (docs/rlhf-chain.md); this file is the recipe, ~15 minutes on 2 CPU cores.
+# can run alone as `python -m rlhf.<stage>` (docs/rlhf-chain.md); this file is the recipe, ~20 minutes on 2 CPU cores.
 set -euo pipefail
 OUT=${1:?usage: bash rlhf/run_cpu.sh OUT_DIR}
 cd "$(dirname "$0")/.."
 export DATA_CACHE_DIR=${DATA_CACHE_DIR:-data}
 TASK=${TASK:-story}
-mkdir -p "$OUT/logs"
-TIMES="$OUT/timings.tsv"  # NAME<TAB>seconds of each stage, and "wall" for each invocation (appended on resume)
+mkdir -p "$OUT"
+TIMES="$OUT/timings.tsv"  # NAME<TAB>seconds of each stage run (appended; a resumed chain keeps the earlier ones)
 T0=$(date +%s)
-wall() { echo -e "wall\t$(( $(date +%s) - T0 ))" >> "$TIMES"; }
-trap wall EXIT  # this invocation's wall time, even when a stage fails
-trap 'trap "" TERM; kill 0; exit 130' INT TERM  # Ctrl-C stops both lanes too
-LIVE=1  # show a stage's output as it runs (the lanes below only log it)
 stage() {  # stage NAME OUTPUT command...: run the command unless OUTPUT exists, log its wall time
   if [ -e "$2" ]; then echo "=== $1: $2 exists, skipped"; return; fi
-  local t=$(date +%s) log="$OUT/logs/$1.log"
-  echo "=== $1 ($(( t - T0 )) s into this run; log: $log)"
-  if [ -n "$LIVE" ]; then "${@:3}" 2>&1 | tee "$log"; elif ! "${@:3}" > "$log" 2>&1; then
-    echo "=== $1 failed; the end of $log:"; tail -n 5 "$log"; return 1; fi
-  echo "=== $1 done in $(( $(date +%s) - t )) s: $(grep -v '^\s*$' "$log" | tail -n 1 | tr '\r' '\n' | tail -n 1)"
+  local t=$(date +%s)
+  echo "=== $1 ($(( t - T0 )) s into this run)"
+  "${@:3}"
   echo -e "$1\t$(( $(date +%s) - t ))" >> "$TIMES"
 }
 SFT="$OUT/sft/ckpt.pt"
@@ -52,60 +42,45 @@ evaluate_run() {  # evaluate_run NAME FOLDER: the run's intermediate checkpoints
   evaluate "$1" "$2/ckpt.pt"
 }
 
-# 0. data, 1. SFT
+# 0. data, and the pilot: each gold component on real continuations and on the pre-trained model's samples
 stage download "$DATA_CACHE_DIR/TinyStories_all_data" python tinystories.py download ${DATA_URL:+--data_url="$DATA_URL"}
+if [ "$TASK" = story ]; then
+  stage pilot "$OUT/pilot.json" python -m rlhf.pilot --n=200 --out="$OUT/pilot.json"
+else
+  stage check "$OUT/check.json" python -m rlhf.pilot --task=instruct --out="$OUT/check.json"
+fi
+
+# 1. SFT, 2. the reward model (its pools are DPO's pairs), 3. DPO
 stage sft "$SFT" python -m rlhf.sft "${COMMON[@]}" --out_dir="$OUT/sft"
+stage reward_model "$RM" python -m rlhf.reward_model "${COMMON[@]}" --policy="$SFT" --out_dir="$OUT/rm"
+stage dpo "$OUT/dpo/ckpt.pt" python -m rlhf.dpo "${COMMON[@]}" --policy="$SFT" --pairs="$OUT/rm/pool_train.jsonl" \
+  --out_dir="$OUT/dpo"
 
-# 2. the reward model (its pools are DPO's pairs), 3. DPO, 5. over-optimisation: a longer GRPO run on the reward model
-# with checkpoints, 6. best-of-n from one pool of SFT samples
-lane_rm() {
-  stage reward_model "$RM" python -m rlhf.reward_model "${COMMON[@]}" --policy="$SFT" --out_dir="$OUT/rm"
-  stage dpo "$OUT/dpo/ckpt.pt" python -m rlhf.dpo "${COMMON[@]}" --policy="$SFT" --pairs="$OUT/rm/pool_train.jsonl" \
-    --out_dir="$OUT/dpo"
-  stage grpo_rm_long "$OUT/grpo_rm_long/ckpt.pt" python -m rlhf.grpo "${COMMON[@]}" --policy="$SFT" --reward="$RM" \
-    --out_dir="$OUT/grpo_rm_long" --max_iters=60 --save_interval=10 --learning_rate=3e-4 --min_lr=3e-4
-  stage best_of_n "$OUT/bon.json" python -m rlhf.best_of_n "${COMMON[@]}" --policy="$SFT" --reward="$RM" --out_dir="$OUT"
-  evaluate dpo "$OUT/dpo/ckpt.pt"
-  evaluate_run grpo_rm_long "$OUT/grpo_rm_long"
-}
-# the pilot (each gold component on real continuations and on the pre-trained model's samples) and GRPO on gold
-# while the reward model trains; then 4. PPO and GRPO on the learned reward, the long run's beta = 0 ablation
-lane_gold() {
-  if [ "$TASK" = story ]; then
-    stage pilot "$OUT/pilot.json" python -m rlhf.pilot --n=200 --out="$OUT/pilot.json"
-  else
-    stage check "$OUT/check.json" python -m rlhf.pilot --task=instruct --out="$OUT/check.json"
-  fi
-  stage grpo_gold "$OUT/grpo_gold/ckpt.pt" python -m rlhf.grpo "${COMMON[@]}" --policy="$SFT" --reward=gold \
-    --out_dir="$OUT/grpo_gold"
-  while [ ! -e "$RM" ]; do  # rm.pt is written last, atomically: once it exists the reward model is complete
-    kill -0 "$RM_LANE" 2>/dev/null || { echo "=== the reward model's lane stopped without $RM"; return 1; }
-    sleep 2
-  done
-  stage ppo_rm "$OUT/ppo_rm/ckpt.pt" python -m rlhf.ppo_rlhf "${COMMON[@]}" --policy="$SFT" --reward="$RM" \
-    --out_dir="$OUT/ppo_rm"
-  stage grpo_rm "$OUT/grpo_rm/ckpt.pt" python -m rlhf.grpo "${COMMON[@]}" --policy="$SFT" --reward="$RM" \
-    --out_dir="$OUT/grpo_rm"
-  stage grpo_rm_beta0 "$OUT/grpo_rm_beta0/ckpt.pt" python -m rlhf.grpo "${COMMON[@]}" --policy="$SFT" --reward="$RM" \
-    --out_dir="$OUT/grpo_rm_beta0" --max_iters=40 --save_interval=5 --learning_rate=3e-4 --min_lr=3e-4 --beta=0
-  # 7. every method on the same held-out prompts (the other lane evaluates its own runs)
-  evaluate pretrained stories260K/stories260K.pt
-  evaluate sft "$SFT"
-  evaluate ppo_rm "$OUT/ppo_rm/ckpt.pt"
-  evaluate grpo_rm "$OUT/grpo_rm/ckpt.pt"
-  evaluate grpo_gold "$OUT/grpo_gold/ckpt.pt"
-  evaluate_run grpo_rm_beta0 "$OUT/grpo_rm_beta0"
-}
-LIVE=
-CORES=$(python -c "import os; print(os.cpu_count() or 2)")
-export OMP_NUM_THREADS=$(( CORES > 1 ? CORES / 2 : 1 ))
-( lane_rm ) & RM_LANE=$!
-( lane_gold ) & GOLD_LANE=$!
-FAILED=0
-for pid in $RM_LANE $GOLD_LANE; do wait $pid || FAILED=1; done
-[ $FAILED = 0 ] || { echo "a stage failed (above); re-run the same command to resume"; exit 1; }
+# 4. PPO and GRPO on the learned reward, GRPO on gold itself (no proxy)
+stage ppo_rm "$OUT/ppo_rm/ckpt.pt" python -m rlhf.ppo_rlhf "${COMMON[@]}" --policy="$SFT" --reward="$RM" \
+  --out_dir="$OUT/ppo_rm"
+stage grpo_rm "$OUT/grpo_rm/ckpt.pt" python -m rlhf.grpo "${COMMON[@]}" --policy="$SFT" --reward="$RM" \
+  --out_dir="$OUT/grpo_rm"
+stage grpo_gold "$OUT/grpo_gold/ckpt.pt" python -m rlhf.grpo "${COMMON[@]}" --policy="$SFT" --reward=gold \
+  --out_dir="$OUT/grpo_gold"
 
-# the report
-trap - EXIT; wall
+# 5. over-optimisation: a longer run on the reward model with checkpoints, and without the KL penalty
+stage grpo_rm_long "$OUT/grpo_rm_long/ckpt.pt" python -m rlhf.grpo "${COMMON[@]}" --policy="$SFT" --reward="$RM" \
+  --out_dir="$OUT/grpo_rm_long" --max_iters=60 --save_interval=10 --learning_rate=3e-4 --min_lr=3e-4
+stage grpo_rm_beta0 "$OUT/grpo_rm_beta0/ckpt.pt" python -m rlhf.grpo "${COMMON[@]}" --policy="$SFT" --reward="$RM" \
+  --out_dir="$OUT/grpo_rm_beta0" --max_iters=40 --save_interval=5 --learning_rate=3e-4 --min_lr=3e-4 --beta=0
+
+# 6. best-of-n from one pool of SFT samples
+stage best_of_n "$OUT/bon.json" python -m rlhf.best_of_n "${COMMON[@]}" --policy="$SFT" --reward="$RM" --out_dir="$OUT"
+
+# 7. every method on the same held-out prompts, then the report
+evaluate pretrained stories260K/stories260K.pt
+evaluate sft "$SFT"
+evaluate dpo "$OUT/dpo/ckpt.pt"
+evaluate ppo_rm "$OUT/ppo_rm/ckpt.pt"
+evaluate grpo_rm "$OUT/grpo_rm/ckpt.pt"
+evaluate grpo_gold "$OUT/grpo_gold/ckpt.pt"
+evaluate_run grpo_rm_long "$OUT/grpo_rm_long"
+evaluate_run grpo_rm_beta0 "$OUT/grpo_rm_beta0"
 python -m rlhf.evaluate --report="$OUT"
 echo "this run took $(( $(date +%s) - T0 )) s; the stages' times are in $TIMES; report: $OUT/report.md"
