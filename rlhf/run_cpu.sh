@@ -11,7 +11,7 @@
 #
 # Resumable: a stage whose output exists is skipped (delete the output to redo it); a stage that was killed continues
 # from where it last saved (its out_dir/state.pt). Every stage is a script you
-# can run alone as `python -m rlhf.<stage>` (docs/rlhf-chain.md); this file is the recipe, ~20 minutes on 2 CPU cores.
+# can run alone as `python -m rlhf.<stage>` (docs/rlhf-chain.md); this file is the recipe, 20-25 minutes on 2 CPU cores.
 set -euo pipefail
 OUT=${1:?usage: bash rlhf/run_cpu.sh OUT_DIR}
 cd "$(dirname "$0")/.."
