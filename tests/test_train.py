@@ -114,7 +114,7 @@ def test_the_length_controller_refuses_a_floor_above_the_peak(tmp_path):
 
 def test_an_unknown_flag_suggests_the_closest_known_ones(tmp_path):
     proc = run_in_process([script("train.py"), f"--out_dir={tmp_path}", "--batch_sise=3"])
-    one_line_error(proc, "unknown config key --batch_sise", "did you mean --batch_size?")
+    one_line_error(proc, "unknown config key --batch_sise", "did you mean --batch_size")
     proc = run_in_process([script("train.py"), f"--out_dir={tmp_path}", "--no_such_flag=1"])
     one_line_error(proc, "unknown config key --no_such_flag")
 
