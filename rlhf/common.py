@@ -130,7 +130,7 @@ class Reference:
     read at its first use (a stage that never scores fluency never loads it)."""
 
     def __init__(self, path, device="cpu"):
-        self.path, self.device, self._model = path, device, None
+        self.path, self.device, self._model, self._last = path, device, None, None
 
     @property
     def model(self):
@@ -139,7 +139,12 @@ class Reference:
         return self._model
 
     def nll(self, prompts, responses, batch_size=32):
-        return reference_nll(self.model, prompts, responses, batch_size)
+        """reference_nll under the frozen model. The last call's answer is kept: a stage that scores gold's
+        fluency and then reports the guard's reference NLL of the same samples runs the model over them once."""
+        key = (tuple(map(tuple, prompts)), tuple(map(tuple, responses)))
+        if self._last is None or self._last[0] != key:
+            self._last = (key, reference_nll(self.model, prompts, responses, batch_size))
+        return list(self._last[1])
 
 
 def load_reward_model(path, device="cpu"):
@@ -304,14 +309,23 @@ def response_logprobs(model, inputs, targets, group_size=0):
     return lp, lp.sum(1)
 
 
+def by_length(seqs):
+    """The indices of seqs, shortest first: batches of neighbours in this order carry little padding."""
+    return sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+
+
 @torch.no_grad()
 def sequence_logprobs(model, prompts, responses, batch_size=32):
-    """Summed log-probability of each response (end token included) given its prompt."""
+    """Summed log-probability of each response (end token included) given its prompt; the pairs are batched in
+    order of length (each batch padded to its own longest), the answers returned in the caller's order."""
     device = model.tok_embeddings.weight.device
-    sums = []
-    for i in range(0, len(prompts), batch_size):
-        inputs, targets, _ = make_batch(prompts[i:i + batch_size], responses[i:i + batch_size], device)
-        sums += response_logprobs(model, inputs, targets)[1].tolist()
+    order = by_length([p + r for p, r in zip(prompts, responses)])
+    sums = [0.0] * len(prompts)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        inputs, targets, _ = make_batch([prompts[j] for j in idx], [responses[j] for j in idx], device)
+        for j, v in zip(idx, response_logprobs(model, inputs, targets)[1].tolist()):
+            sums[j] = v
     return sums
 
 
@@ -456,21 +470,25 @@ def rm_forward(rm, seqs):
 def reward_scores(rm, prompts, responses, batch_size=64):
     """The reward model's score of each prompt + response, in the layout it was trained with."""
     layout = getattr(rm, "layout", "prompt_first")
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        out += rm_forward(rm, [rm_sequence(p, r, layout) for p, r in zip(prompts[i:i + batch_size],
-                                                                         responses[i:i + batch_size])]).tolist()
+    seqs = [rm_sequence(p, r, layout) for p, r in zip(prompts, responses)]
+    order = by_length(seqs)  # batches of similar lengths: little padding
+    out = [0.0] * len(seqs)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        for j, v in zip(idx, rm_forward(rm, [seqs[j] for j in idx]).tolist()):
+            out[j] = v
     return out
 
 
 def guard_metrics(samples, reference=None, sft=None, policy=None, batch_size=32):
     """Per sample: reference NLL (nats/token of the response and its end token under the frozen pre-trained model,
     given the prompt), the repeated-3-gram rate, and the KL to the SFT model, log pi(y|x) - log pi_sft(y|x) summed
-    over the response (an unbiased per-story estimate of KL(pi || pi_sft) for samples drawn from pi)."""
+    over the response (an unbiased per-story estimate of KL(pi || pi_sft) for samples drawn from pi).
+    reference: a Reference (the story task's own, whose NLL of these samples gold has already computed)."""
     out = [{"rep3": repeated_ngram_rate(s.response[:s.n_tokens])} for s in samples]
     prompts, responses = [s.example.prompt for s in samples], [s.response for s in samples]
     if reference is not None:
-        for o, v in zip(out, reference_nll(reference, prompts, responses, batch_size)):
+        for o, v in zip(out, reference.nll(prompts, responses, batch_size)):
             o["ref_nll"] = v
     if sft is not None and policy is not None:
         lp_pi = sequence_logprobs(policy, prompts, responses, batch_size)

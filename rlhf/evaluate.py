@@ -17,8 +17,8 @@ import sys
 import time
 
 import configurator
-from rlhf.common import (guard_metrics, load_frozen, load_reward_model, open_stage, reward_scores, sample_record,
-                         sample_stories, write_jsonl)
+from rlhf.common import (Reference, guard_metrics, load_frozen, load_reward_model, open_stage, reward_scores,
+                         sample_record, sample_stories, write_jsonl)
 from stats import bootstrap_ci
 from utils import atomic_write, fail
 
@@ -34,7 +34,7 @@ tokenizer = ""  # the policy's sentencepiece model ("": found next to it or name
 data_dir = ""
 n_prompts = 128
 temperature = 1.0
-batch_size = 64
+batch_size = 128  # stories per sampling batch (all the prompts at once: eager decoding drops the finished rows)
 device = "auto"
 compile = "auto"  # compile the decode step
 seed = 0
@@ -65,7 +65,7 @@ def evaluate():
                                                       reference, samples=n_prompts, batch_size=batch_size)
     try:
         sft_model = load_frozen(sft, dev) if sft else None
-        ref_model = the_task.reference.model if task == "story" else load_frozen(reference, dev) if reference else None
+        ref_model = the_task.reference if task == "story" else Reference(reference, dev) if reference else None
         rm = load_reward_model(reward_model, dev) if reward_model else None
     except (FileNotFoundError, ValueError, KeyError) as e:
         fail(e)

@@ -15,8 +15,9 @@ import torch
 from conftest import REPO, first_difference, killed_run, logged, run, run_in_process, shared_path, stage
 from model import ModelArgs, TransformerWithValueHead
 from ppo import aggregate, clipped_policy_loss
-from rlhf.common import (best_of_n_kl_bound, best_of_n_weights, dpo_loss, group_advantages, make_batch, pad_right,
-                         pairwise_loss, preference_pairs, response_logprobs, reward_scores, rm_sequence)
+from rlhf.common import (Reference, best_of_n_kl_bound, best_of_n_weights, dpo_loss, group_advantages, make_batch,
+                         pad_right, pairwise_loss, preference_pairs, response_logprobs, reward_scores, rm_sequence,
+                         sequence_logprobs)
 from stats import bootstrap_ci, pair_accuracy, paired_diff_ci, spearman
 from tasks.instruct import (InstructData, WordStats, constraint_scores, gold, has_dialogue, prompt_text, relabel,
                             score_length, score_sentence, score_words, sentences_of, stem)
@@ -382,6 +383,35 @@ def test_response_logprobs_in_groups_by_length_are_the_same_numbers():
         for group in (1, 2, 4, 16):
             lp_g, total_g = response_logprobs(rm, inputs, targets, group)
             assert torch.equal(lp_g, lp) and torch.equal(total_g, total)
+
+
+def test_scores_batched_in_order_of_length_come_back_in_the_callers_order():
+    """reward_scores and sequence_logprobs batch their pairs by length: each answer still belongs to its own pair."""
+    g = random.Random(1)
+    prompts = [[1] + [g.randrange(3, 32) for _ in range(g.randrange(1, 6))] for _ in range(7)]
+    responses = [[g.randrange(3, 32) for _ in range(n)] for n in (30, 2, 41, 9, 1, 25, 17)]
+    rm = tiny_rm()
+    alone = [reward_scores(rm, [p], [r])[0] for p, r in zip(prompts, responses)]
+    assert reward_scores(rm, prompts, responses, batch_size=2) == pytest.approx(alone, abs=1e-5)
+    alone = [sequence_logprobs(rm, [p], [r])[0] for p, r in zip(prompts, responses)]
+    assert sequence_logprobs(rm, prompts, responses, batch_size=3) == pytest.approx(alone, abs=1e-4)
+
+
+def test_reference_runs_its_model_once_for_gold_and_the_guard():
+    """The story task's Reference keeps its last answer: gold's fluency and the guard's NLL of the same samples cost
+    one pass, and other samples are computed afresh."""
+    ref = Reference("unused.pt")
+    ref._model, calls = tiny_rm(), []
+    real_forward = ref._model.forward
+    ref._model.forward = lambda *a, **k: calls.append(1) or real_forward(*a, **k)
+    prompts, responses = [[1, 5], [1, 6, 7]], [[8, 9, 10], [11]]
+    first = ref.nll(prompts, responses)
+    assert ref.nll(prompts, responses) == first and len(calls) == 1
+    first[0] = 99.0  # the caller's copy, not the kept answer
+    assert ref.nll(prompts, responses)[0] != 99.0 and len(calls) == 1
+    other = ref.nll(prompts, [[8, 9, 10], [12]])
+    assert len(calls) == 2 and other[0] == pytest.approx(ref.nll(prompts, responses)[0], abs=1e-6) and len(calls) == 3
+
 
 # -----------------------------------------------------------------------------
 # every stage, tiny and seeded, on the TinyStories excerpt
