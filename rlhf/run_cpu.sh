@@ -31,15 +31,8 @@ SFT="$OUT/sft/ckpt.pt"
 RM="$OUT/rm/rm.pt"
 COMMON=(--task="$TASK" ${SEED:+--seed="$SEED"})  # SEED=n: every stage's --seed (the default: each stage's own)
 EVAL=(python -m rlhf.evaluate "${COMMON[@]}" --out_dir="$OUT" --sft="$SFT" --reward_model="$RM" --n_prompts=128)
-evaluate() {  # evaluate NAME CHECKPOINT
+evaluate() {  # evaluate NAME CHECKPOINT, or NAME FOLDER: a run's ckpt_<iter>.pt (NAME@ITER), then its ckpt.pt
   stage "eval_$1" "$OUT/eval_$1.json" "${EVAL[@]}" --policy="$2" --name="$1"
-}
-evaluate_run() {  # evaluate_run NAME FOLDER: the run's intermediate checkpoints (NAME@ITER), then its last
-  for ck in "$2"/ckpt_*.pt; do
-    [ -e "$ck" ] || continue
-    i=$(basename "$ck" .pt); evaluate "$1@${i#ckpt_}" "$ck"
-  done
-  evaluate "$1" "$2/ckpt.pt"
 }
 
 # 0. data, and the pilot: each gold component on real continuations and on the pre-trained model's samples
@@ -80,7 +73,7 @@ evaluate dpo "$OUT/dpo/ckpt.pt"
 evaluate ppo_rm "$OUT/ppo_rm/ckpt.pt"
 evaluate grpo_rm "$OUT/grpo_rm/ckpt.pt"
 evaluate grpo_gold "$OUT/grpo_gold/ckpt.pt"
-evaluate_run grpo_rm_long "$OUT/grpo_rm_long"
-evaluate_run grpo_rm_beta0 "$OUT/grpo_rm_beta0"
+evaluate grpo_rm_long "$OUT/grpo_rm_long"
+evaluate grpo_rm_beta0 "$OUT/grpo_rm_beta0"
 python -m rlhf.evaluate --report="$OUT"
 echo "this run took $(( $(date +%s) - T0 )) s; the stages' times are in $TIMES; report: $OUT/report.md"

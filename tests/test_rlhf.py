@@ -482,12 +482,18 @@ def test_every_stage_runs_tiny_and_seeded(tiny_chain):
          "--n_prompts=2", "--pool_size=4"], env=env)
     bon = json.load(open(out / "bon.json"))
     assert [r["n"] for r in bon["rows"]] == [1, 2, 4]
-    for name, ckpt in (("sft", sft), ("dpo", out / "dpo" / "ckpt.pt"), ("grpo_rm@1", out / "grpo" / "ckpt_1.pt"),
-                       ("ppo_rm", out / "ppo_rlhf" / "ckpt.pt")):
+    for name, ckpt in (("sft", sft), ("dpo", out / "dpo" / "ckpt.pt"), ("grpo_first", out / "grpo" / "ckpt_1.pt"),
+                       ("ppo_rm", out / "ppo_rlhf" / "ckpt.pt"), ("grpo_rm", out / "grpo")):  # the last: a run's folder
         run([*stage("evaluate"), *common, f"--policy={ckpt}", f"--name={name}", f"--sft={sft}",
              f"--reward_model={rmp}", f"--out_dir={out}", "--n_prompts=3"], env=env)
     e = json.load(open(out / "eval_sft.json"))
     assert e["n"] == 3 and abs(e["kl_sft"]) < 1e-3  # the SFT model against itself
+    # a run's folder: each ckpt_<iter>.pt as <name>@<iter>, the same numbers as evaluated alone, then ckpt.pt
+    along = {i: json.load(open(out / f"eval_grpo_rm@{i}.json")) for i in (1, 2)}
+    alone = json.load(open(out / "eval_grpo_first.json"))
+    assert along[1]["golds"] == alone["golds"] and along[1]["kl_sft"] == pytest.approx(alone["kl_sft"], abs=1e-4)
+    last = json.load(open(out / "eval_grpo_rm.json"))
+    assert last["policy"].endswith("ckpt.pt") and last["kl_sft"] != along[1]["kl_sft"]  # each checkpoint's own weights
     lines = [json.loads(x) for x in open(out / "samples_dpo.jsonl")]
     assert len(lines) == 3 and {"prompt", "story", "gold", "components"} <= set(lines[0])
     proc = run([*stage("evaluate"), f"--report={out}"], env=env)
