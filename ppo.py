@@ -385,7 +385,9 @@ class PPOTrainer:
         stopping, for the whole batch, in groups of forward_batch_size rows. Index t of the outputs scores token
         t+1 given tokens 0..t. Returns (logprobs, logits or None, values or None, masks, stop_logprobs or None).
         The groups take the rows in order of length, each cut to its own width (trimmed_width): a row's numbers are
-        those of the full-width batch, bit for bit, and the padding's are 0 (every loss masks it)."""
+        those of the full-width batch, bit for bit, and the padding's are 0 (every loss masks it). Its own loop rather
+        than forward_by_length: each group's logits become log-probs at once, so (n, T, vocab) is never held (400
+        rollouts of 300 tokens at a 32,000-token vocabulary would be 15 GB)."""
         fbs, stop = self.config.forward_batch_size, self.config.stop_token_id
         input_ids = model_inputs["input_ids"]
         n, T = input_ids.shape
