@@ -309,9 +309,16 @@ def response_logprobs(model, inputs, targets, group_size=0):
     return lp, lp.sum(1)
 
 
-def by_length(seqs):
-    """The indices of seqs, shortest first: batches of neighbours in this order carry little padding."""
-    return sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+def by_length_batches(seqs, batch_size, score):
+    """score(indices) -> one number per index, called on batches of seqs' indices taken in order of length (little
+    padding in each); the numbers returned in seqs' order."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = [0.0] * len(seqs)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        for j, v in zip(idx, score(idx)):
+            out[j] = v
+    return out
 
 
 @torch.no_grad()
@@ -319,14 +326,11 @@ def sequence_logprobs(model, prompts, responses, batch_size=32):
     """Summed log-probability of each response (end token included) given its prompt; the pairs are batched in
     order of length (each batch padded to its own longest), the answers returned in the caller's order."""
     device = model.tok_embeddings.weight.device
-    order = by_length([p + r for p, r in zip(prompts, responses)])
-    sums = [0.0] * len(prompts)
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
+
+    def score(idx):
         inputs, targets, _ = make_batch([prompts[j] for j in idx], [responses[j] for j in idx], device)
-        for j, v in zip(idx, response_logprobs(model, inputs, targets)[1].tolist()):
-            sums[j] = v
-    return sums
+        return response_logprobs(model, inputs, targets)[1].tolist()
+    return by_length_batches([p + r for p, r in zip(prompts, responses)], batch_size, score)
 
 
 @torch.no_grad()
@@ -471,13 +475,7 @@ def reward_scores(rm, prompts, responses, batch_size=64):
     """The reward model's score of each prompt + response, in the layout it was trained with."""
     layout = getattr(rm, "layout", "prompt_first")
     seqs = [rm_sequence(p, r, layout) for p, r in zip(prompts, responses)]
-    order = by_length(seqs)  # batches of similar lengths: little padding
-    out = [0.0] * len(seqs)
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
-        for j, v in zip(idx, rm_forward(rm, [seqs[j] for j in idx]).tolist()):
-            out[j] = v
-    return out
+    return by_length_batches(seqs, batch_size, lambda idx: rm_forward(rm, [seqs[j] for j in idx]).tolist())
 
 
 def guard_metrics(samples, reference=None, sft=None, policy=None, batch_size=32):
