@@ -4,11 +4,42 @@ orientation that streams the weights fastest, dropout with cheaper random draws,
 of query rows for small heads or with dropout. Each computes what its plain PyTorch counterpart computes (to float
 rounding, or in distribution for dropout); tests/test_dropout.py and tests/test_generate.py compare them with the
 naive paths. model.py reads without them: `linear` is x @ W.T, `dropout` is F.dropout, and attention is SDPA.
+Importing it also keeps freed memory in the process (keep_freed_memory below).
 """
+import ctypes
 import math
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# The allocator. glibc's malloc serves a block of more than 128 KB to 32 MB (a threshold it adapts) with a fresh
+# mmap, and gives freed memory at the top of its heap back to the kernel; the next block then takes a page fault on
+# every 4 KB page it writes first, the kernel zeroing each. A training step allocates and frees tensors of megabytes
+# thousands of times (each attention chunk's scores, each layer's activations), so a CPU spent much of its time in
+# the kernel: attention forward + backward at 32 x 8 heads x 320 tokens, head_dim 8, took 90 ms, 48 ms with the
+# memory kept, and the seed's PPO step 35 s instead of 28 s (bench/RESULTS.md). So, with glibc, blocks of up to
+# 1 GB come from the heap and the heap is never trimmed: the process keeps its peak memory until it exits, and then
+# reuses it without faults (what jemalloc or tcmalloc, which PyTorch's CPU tuning guide suggests, also do). A
+# MALLOC_*_ variable of glibc's in the environment, or FULLLLM_SYSTEM_MALLOC=1, leaves glibc's own behaviour.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
+
+
+def keep_freed_memory():
+    """Tell glibc's malloc to keep freed memory (above); True when it did, False where it does not apply."""
+    if (not sys.platform.startswith("linux") or os.environ.get("FULLLLM_SYSTEM_MALLOC") == "1"
+            or any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ)):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    except (OSError, AttributeError):  # not glibc (musl, ...): its own allocator, left alone
+        return False
+
+
+KEEPS_FREED_MEMORY = keep_freed_memory()
 
 # -----------------------------------------------------------------------------
 # A decode step multiplies a few rows by every weight matrix: one matrix-vector product per row, bound by
