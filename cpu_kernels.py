@@ -22,15 +22,15 @@ import torch.nn.functional as F
 # the kernel: attention forward + backward at 32 x 8 heads x 320 tokens, head_dim 8, took 90 ms, 48 ms with the
 # memory kept, and the seed's PPO step 35 s instead of 28 s (bench/RESULTS.md). So, with glibc, blocks of up to
 # 1 GB come from the heap and the heap is never trimmed: the process keeps its peak memory until it exits, and then
-# reuses it without faults (what jemalloc or tcmalloc, which PyTorch's CPU tuning guide suggests, also do). A
-# MALLOC_*_ variable of glibc's in the environment, or FULLLLM_SYSTEM_MALLOC=1, leaves glibc's own behaviour.
+# reuses it without faults (what jemalloc or tcmalloc, which PyTorch's CPU tuning guide suggests, also do). glibc's
+# own settings in the environment (MALLOC_*, GLIBC_TUNABLES=glibc.malloc.*), or FULLLLM_SYSTEM_MALLOC=1, leave it be.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
 
 
 def keep_freed_memory():
     """Tell glibc's malloc to keep freed memory (above); True when it did, False where it does not apply."""
-    if (not sys.platform.startswith("linux") or os.environ.get("FULLLLM_SYSTEM_MALLOC") == "1"
-            or any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ)):
+    told = any(k.startswith("MALLOC_") for k in os.environ) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
+    if told or os.environ.get("FULLLLM_SYSTEM_MALLOC") == "1" or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -17,13 +17,20 @@ deep-copies it as the reference model; its rollouts stay eager), ours (eager), o
 --compile=True: the training forward and the rollouts' decode step compiled). Each run starts from the same
 weights and a fresh optimizer, so every run does the same work; the first run of each kind is a warm-up (it
 includes compiling) and is reported separately.
+
+The reference runs as its users get it: in a process of its own, with glibc's malloc as it comes. Ours keeps freed
+memory in the process (cpu_kernels.keep_freed_memory, on import); --reference_malloc=kept gives the reference that
+too (one process), which separates the allocator's share of the ratio from the code's.
 """
 import argparse
 import copy
 import importlib.util
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import types
 
@@ -32,6 +39,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from common import print_table  # noqa: E402
+from cpu_kernels import KEEPS_FREED_MEMORY  # noqa: E402
 from generate import compile_decode, generate_withcache  # noqa: E402
 from ppo import PPOConfig, PPOTrainer  # noqa: E402
 from rlhf.common import load_policy  # noqa: E402
@@ -109,6 +117,10 @@ def main():
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--parts", default="rollouts,step")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per kind, after one warm-up run")
+    parser.add_argument("--reference_malloc", default="system", choices=("system", "kept"),
+                        help="system: the reference in a process of its own with glibc's malloc as it comes (as its "
+                             "users run it); kept: in this process, keeping freed memory as ours does")
+    parser.add_argument("--results_json", help=argparse.SUPPRESS)  # a child process's results, for its parent
     args = parser.parse_args()
     kinds = args.kinds.split(",")
     parts = args.parts.split(",")
@@ -118,7 +130,52 @@ def main():
     if reference is None and any(k.startswith("reference") for k in kinds):
         sys.exit(f"no reference at {args.reference}: `git clone https://github.com/schinger/FullLLM {args.reference}`"
                  " (or leave the reference kinds out of --kinds)")
+    rows, results = [], {}
+    reference_kinds = [k for k in kinds if k.startswith("reference")]
+    if reference_kinds and args.reference_malloc == "system" and KEEPS_FREED_MEMORY:
+        rows, results = reference_in_own_process(args, reference_kinds)
+        kinds = [k for k in kinds if k not in reference_kinds]
+    own_rows, own_results = measure(args, reference, kinds, parts)
+    rows, results = rows + own_rows, {**results, **own_results}
+    if args.results_json:
+        with open(args.results_json, "w") as f:
+            json.dump({"rows": rows, "results": [[k, p, s] for (k, p), s in results.items()]}, f)
+        return
+    kinds = args.kinds.split(",")
+    baseline = {part: min((results[k, part] for k in kinds if k.startswith("reference") and (k, part) in results),
+                          default=None) for part in parts}
+    for row in rows:
+        base_s = baseline[row[1]]
+        row.append(f"{base_s / results[row[0], row[1]]:.2f}x" if base_s else "-")
+    if all(baseline[p] for p in parts) and len(parts) == 2:
+        for kind in kinds:
+            total = sum(results[kind, p] for p in parts)
+            rows.append([kind, "iteration", "-", f"{total:.1f}", "-", f"{sum(baseline.values()) / total:.2f}x"])
+    malloc = ("glibc's malloc as it comes" if args.reference_malloc == "system" or not KEEPS_FREED_MEMORY
+              else "freed memory kept, as ours")
+    print_table(f"One PPO iteration of the seed's command, seconds (median of {args.runs} runs after a warm-up; "
+                f"ratio: the faster reference kind / this kind; the reference with {malloc})",
+                ["kind", "part", "warm-up s", "median s", "runs s", "speed-up vs reference"], rows)
 
+
+def reference_in_own_process(args, kinds):
+    """The reference kinds measured by this script in a child process whose malloc is glibc's as it comes (ours
+    would otherwise apply to the whole process). Returns its (rows, results)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "results.json")
+        cmd = [sys.executable, os.path.abspath(__file__), f"--kinds={','.join(kinds)}", f"--parts={args.parts}",
+               f"--runs={args.runs}", f"--reference={args.reference}", f"--checkpoint={args.checkpoint}",
+               f"--results_json={out}"]
+        subprocess.run(cmd, check=True, env={**os.environ, "FULLLLM_SYSTEM_MALLOC": "1"})
+        with open(out) as f:
+            child = json.load(f)
+    return child["rows"], {(k, p): s for k, p, s in child["results"]}
+
+
+def measure(args, reference, kinds, parts):
+    """Each kind's parts: warm-up and timed runs. Returns (table rows, {(kind, part): median seconds})."""
+    if not kinds:
+        return [], {}
     base = load_policy(args.checkpoint, value_head=True)
     torch.manual_seed(0)
     torch.nn.init.normal_(base.value_head.weight, std=0.02)  # the same value head for every kind
@@ -195,18 +252,7 @@ def main():
             results[kind, part] = statistics.median(times)
             rows.append([kind, part, f"{firsts[0]:.1f}", f"{results[kind, part]:.1f}",
                          ", ".join(f"{t:.1f}" for t in times)])
-    baseline = {part: min((results[k, part] for k in kinds if k.startswith("reference") and (k, part) in results),
-                          default=None) for part in parts}
-    for row in rows:
-        base_s = baseline[row[1]]
-        row.append(f"{base_s / results[row[0], row[1]]:.2f}x" if base_s else "-")
-    if all(baseline[p] for p in parts) and len(parts) == 2:
-        for kind in kinds:
-            total = sum(results[kind, p] for p in parts)
-            rows.append([kind, "iteration", "-", f"{total:.1f}", "-", f"{sum(baseline.values()) / total:.2f}x"])
-    print_table(f"One PPO iteration of the seed's command, seconds (median of {args.runs} runs after a warm-up; "
-                "ratio: the faster reference kind / this kind)",
-                ["kind", "part", "warm-up s", "median s", "runs s", "speed-up vs reference"], rows)
+    return rows, results
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ config, batch, data and optimizer settings. Configs: the 260K model (batch 16 x 
     python bench/bench_train.py --compile            # also our model under torch.compile (+ compile time)
     python bench/bench_train.py --configs=260K --dropouts=0.05 --runs=3
 
+Both models run in this one process, so the reference gets this repository's allocator setting too (memory freed
+is kept: cpu_kernels.keep_freed_memory); FULLLLM_SYSTEM_MALLOC=1 runs both with the system's malloc as it comes.
 Without the clone the baseline column is left out (and says so). The steps' losses are printed side by side:
 at dropout 0 the two models start from the same weights (ours loads the reference's state dict), so the losses
 must agree to float rounding.

@@ -16,8 +16,11 @@ def hardware():
     except (OSError, StopIteration):
         pass
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    kernels = sys.modules.get("cpu_kernels")  # imported with the model: whether this process keeps freed memory
+    malloc = "" if kernels is None else "; malloc: " + (
+        "freed memory kept" if kernels.KEEPS_FREED_MEMORY else "the system's as it comes")
     return (f"{cpu}, {os.cpu_count()} cores{gpu}; torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}")
+            f"Python {platform.python_version()}{malloc}")
 
 
 def median_rate(fn, work, runs=3, warmup=1):

@@ -1,4 +1,8 @@
 import math
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -157,3 +161,31 @@ def test_tied_and_untied_classifiers_never_load_into_each_other():
     load_model_state(twin, untied.state_dict())
     assert torch.equal(twin.output.weight, untied.output.weight)
     assert torch.equal(twin.tok_embeddings.weight, untied.tok_embeddings.weight)
+
+
+RSS_AFTER_FREE = """
+import torch, model, cpu_kernels
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+x = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MB, above glibc's largest mmap threshold
+held = rss()
+del x
+print(cpu_kernels.KEEPS_FREED_MEMORY, (held - rss()) >> 20)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm") or platform.libc_ver()[0] != "glibc",
+                    reason="the allocator setting applies to Linux with glibc")
+def test_importing_the_model_keeps_freed_memory_unless_told_not_to():
+    """A freed 64 MB tensor stays in the process (no page faults for the next one), and goes back to the system
+    with FULLLLM_SYSTEM_MALLOC=1 or a setting of glibc's own in the environment."""
+    def run(**env):
+        out = subprocess.run([sys.executable, "-c", RSS_AFTER_FREE], capture_output=True, text=True, check=True,
+                             env={**os.environ, **env}, cwd=os.path.dirname(os.path.dirname(__file__)))
+        kept, released_mb = out.stdout.split()
+        return kept == "True", int(released_mb)
+    assert run() == (True, 0)
+    for env in ({"FULLLLM_SYSTEM_MALLOC": "1"}, {"MALLOC_ARENA_MAX": "4"}, {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}):
+        kept, released_mb = run(**env)
+        assert not kept and released_mb >= 60, env
