@@ -18,7 +18,7 @@ deep-copies it as the reference model; its rollouts stay eager), ours (eager), o
 weights and a fresh optimizer, so every run does the same work; the first run of each kind is a warm-up (it
 includes compiling) and is reported separately.
 
-The reference runs as its users get it: in a process of its own, with glibc's malloc as it comes. Ours keeps freed
+The reference runs as its users get it: in a process of its own, with the system's malloc as it comes. Ours keeps freed
 memory in the process (cpu_kernels.keep_freed_memory, on import); --reference_malloc=kept gives the reference that
 too (one process), which separates the allocator's share of the ratio from the code's.
 """
@@ -118,8 +118,8 @@ def main():
     parser.add_argument("--parts", default="rollouts,step")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per kind, after one warm-up run")
     parser.add_argument("--reference_malloc", default="system", choices=("system", "kept"),
-                        help="system: the reference in a process of its own with glibc's malloc as it comes (as its "
-                             "users run it); kept: in this process, keeping freed memory as ours does")
+                        help="system: the reference in a process of its own with the system's malloc as it comes "
+                             "(as its users run it); kept: in this process, keeping freed memory as ours does")
     parser.add_argument("--results_json", help=argparse.SUPPRESS)  # a child process's results, for its parent
     args = parser.parse_args()
     kinds = args.kinds.split(",")
@@ -151,7 +151,7 @@ def main():
         for kind in kinds:
             total = sum(results[kind, p] for p in parts)
             rows.append([kind, "iteration", "-", f"{total:.1f}", "-", f"{sum(baseline.values()) / total:.2f}x"])
-    malloc = ("glibc's malloc as it comes" if args.reference_malloc == "system" or not KEEPS_FREED_MEMORY
+    malloc = ("the system's malloc as it comes" if args.reference_malloc == "system" or not KEEPS_FREED_MEMORY
               else "freed memory kept, as ours")
     print_table(f"One PPO iteration of the seed's command, seconds (median of {args.runs} runs after a warm-up; "
                 f"ratio: the faster reference kind / this kind; the reference with {malloc})",
@@ -159,7 +159,7 @@ def main():
 
 
 def reference_in_own_process(args, kinds):
-    """The reference kinds measured by this script in a child process whose malloc is glibc's as it comes (ours
+    """The reference kinds measured by this script in a child process whose malloc is the system's as it comes (ours
     would otherwise apply to the whole process). Returns its (rows, results)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "results.json")
