@@ -20,7 +20,7 @@ import torch.nn.functional as F
 # every 4 KB page it writes first, the kernel zeroing each. A training step allocates and frees tensors of megabytes
 # thousands of times (each attention chunk's scores, each layer's activations), so a CPU spent much of its time in
 # the kernel: attention forward + backward at 32 x 8 heads x 320 tokens, head_dim 8, took 90 ms, 48 ms with the
-# memory kept, and the seed's PPO step 35 s instead of 28 s (bench/RESULTS.md). So, with glibc, blocks of up to
+# memory kept, and the seed's PPO step 46 s instead of 36 s (docs/speed.md). So, with glibc, blocks of up to
 # 1 GB come from the heap and the heap is never trimmed: the process keeps its peak memory until it exits, and then
 # reuses it without faults (what jemalloc or tcmalloc, which PyTorch's CPU tuning guide suggests, also do). glibc's
 # own settings in the environment (MALLOC_*, GLIBC_TUNABLES=glibc.malloc.*), or FULLLLM_SYSTEM_MALLOC=1, leave it be.
