@@ -186,6 +186,8 @@ def test_importing_the_model_keeps_freed_memory_unless_told_not_to():
         kept, released_mb = out.stdout.split()
         return kept == "True", int(released_mb)
     assert run() == (True, 0)
-    for env in ({"FULLLLM_SYSTEM_MALLOC": "1"}, {"MALLOC_ARENA_MAX": "4"}, {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}):
+    told_not_to = ({"FULLLLM_SYSTEM_MALLOC": "1"}, {"MALLOC_ARENA_MAX": "4"},
+                   {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"})
+    for env in told_not_to:
         kept, released_mb = run(**env)
         assert not kept and released_mb >= 60, env
